@@ -1,0 +1,239 @@
+"""tailedcore_jax.lof against scikit-learn's LocalOutlierFactor, a NumPy port and numpy.quantile."""
+
+import functools
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tailedcore_jax.lof import local_outlier_factor, lof_filter_mask, patchwise_lof
+from tests.reference.lof import lof_filter_mask_numpy, lof_numpy, patchwise_lof_numpy
+
+sklearn_neighbors = pytest.importorskip("sklearn.neighbors")
+
+RTOL = 1e-5
+
+
+def sklearn_lof(x, k):
+    """The official call, on float64 copies of the float32 data (the exact-arithmetic oracle)."""
+    with warnings.catch_warnings():
+        # "Duplicate values are leading to incorrect results": expected in the duplicate tests.
+        warnings.simplefilter("ignore", UserWarning)
+        est = sklearn_neighbors.LocalOutlierFactor(n_neighbors=k).fit(np.asarray(x, np.float64))
+    return -est.negative_outlier_factor_
+
+
+def with_duplicates(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[5:13] = x[4]  # 9 copies: more than k for k <= 8, so lrd = 1e10 inside the group
+    x[20:23] = x[19]  # 4 copies
+    x[30] = x[31]  # a pair
+    x[13] = x[4] + 0.05  # next to the big group: its LOF is ~1e10 * distance (huge)
+    return x
+
+
+@pytest.mark.parametrize("k", list(range(1, 11)))
+@pytest.mark.parametrize("d", [3, 24])  # sklearn's auto picks kd_tree for d <= 15, brute above
+def test_matches_sklearn_random(rng, k, d):
+    x = (rng.normal(size=(50, d)) * rng.uniform(0.5, 2.0, size=(1, d)) + 3.0).astype(np.float32)
+    got = np.asarray(jax.jit(functools.partial(local_outlier_factor, k=k))(x))
+    np.testing.assert_allclose(got, sklearn_lof(x, k), rtol=RTOL)
+    np.testing.assert_allclose(got, lof_numpy(x, k), rtol=RTOL)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 8, 10])
+@pytest.mark.parametrize("d", [3, 24])
+def test_matches_sklearn_with_duplicates(rng, k, d):
+    x = with_duplicates(rng, 45, d)
+    want = sklearn_lof(x, k)
+    got = np.asarray(local_outlier_factor(x, k=k))
+    if k <= 8:  # the 9-copy group makes huge (~1e10) scores: they must match too
+        assert want.max() > 1e8
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    np.testing.assert_allclose(got, lof_numpy(x, k), rtol=RTOL)
+
+
+def test_matches_sklearn_float32_input(rng):
+    """sklearn on the float32 array itself (what the official code passes) agrees as well."""
+    x = rng.normal(size=(80, 32)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = -sklearn_neighbors.LocalOutlierFactor(n_neighbors=6).fit(x).negative_outlier_factor_
+    np.testing.assert_allclose(np.asarray(local_outlier_factor(x, k=6)), want, rtol=1e-4)
+
+
+def test_outlier_scores_high(rng):
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    x[7] += 20.0
+    s = np.asarray(local_outlier_factor(x, k=5))
+    assert int(np.argmax(s)) == 7 and s[7] > 3.0
+
+
+def test_mask_equals_valid_rows_only(rng):
+    x = with_duplicates(rng, 45, 6)
+    mask = np.ones(45, bool)
+    mask[[0, 4, 10, 33, 44]] = False  # includes one member of the duplicate group
+    padded = x.copy()
+    padded[~mask] = np.nan  # padding content must not matter
+    got = np.asarray(local_outlier_factor(padded, k=4, mask=jnp.asarray(mask)))
+    want = sklearn_lof(x[mask], 4)
+    np.testing.assert_allclose(got[mask], want, rtol=RTOL)
+    assert np.all(got[~mask] == 0.0)
+
+
+def test_no_retrace_for_padded_sizes_and_batching(rng):
+    capacity, d, k = 30, 5, 3
+    counts = [30, 21, 12]
+    xs = rng.normal(size=(3, capacity, d)).astype(np.float32)
+    masks = np.arange(capacity)[None, :] < np.array(counts)[:, None]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, m):
+        return local_outlier_factor(x, k=k, mask=m)
+
+    for x, m, c in zip(xs, masks, counts):
+        got = np.asarray(f(x, jnp.asarray(m)))
+        np.testing.assert_allclose(got[:c], sklearn_lof(x[:c], k), rtol=RTOL)
+        assert np.all(got[c:] == 0)
+
+    g = jax.jit(jax.vmap(functools.partial(local_outlier_factor, k=k)))
+    batched = np.asarray(g(xs, mask=jnp.asarray(masks)))
+    for i, c in enumerate(counts):
+        np.testing.assert_allclose(batched[i, :c], sklearn_lof(xs[i, :c], k), rtol=RTOL)
+
+
+def test_too_few_valid_under_jit_gives_nan(rng):
+    x = rng.normal(size=(10, 3)).astype(np.float32)
+    m = jnp.arange(10) < 3
+    got = np.asarray(jax.jit(functools.partial(local_outlier_factor, k=3))(x, mask=m))
+    assert np.all(np.isnan(got[:3])) and np.all(got[3:] == 0)
+
+
+@pytest.mark.parametrize("position_chunk", [None, 1, 3, 100])
+def test_patchwise_matches_sklearn_loop(rng, position_chunk):
+    n, p, d, k = 24, 7, 6, 4
+    feats = rng.normal(size=(n, p, d)).astype(np.float32)
+    feats[3, 2] = feats[9, 2]  # a duplicate at one position
+    got = np.asarray(patchwise_lof(feats, k=k, position_chunk=position_chunk))
+    want = np.stack([sklearn_lof(feats[:, j], k) for j in range(p)], axis=1)
+    assert got.shape == (n, p)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    np.testing.assert_allclose(got, patchwise_lof_numpy(feats, k), rtol=RTOL)
+
+
+def test_patchwise_mask_jit_vmap_no_retrace(rng):
+    capacity, p, d, k = 20, 5, 4, 3
+    counts = [20, 13]
+    feats = rng.normal(size=(2, capacity, p, d)).astype(np.float32)
+    masks = np.arange(capacity)[None, :] < np.array(counts)[:, None]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, m):
+        return patchwise_lof(x, k=k, mask=m, position_chunk=2)
+
+    for x, m, c in zip(feats, masks, counts):
+        got = np.asarray(f(x, jnp.asarray(m)))
+        np.testing.assert_allclose(got[:c], patchwise_lof_numpy(x[:c], k), rtol=RTOL)
+        assert np.all(got[c:] == 0)
+    g = jax.vmap(functools.partial(patchwise_lof, k=k, position_chunk=2))
+    batched = np.asarray(g(feats, mask=jnp.asarray(masks)))
+    for i, c in enumerate(counts):
+        np.testing.assert_allclose(batched[i, :c], patchwise_lof_numpy(feats[i, :c], k), rtol=RTOL)
+
+
+@pytest.mark.parametrize("keep", [0.85, 0.5, 0.123, 1.0])
+def test_filter_mask_matches_numpy_quantile(rng, keep):
+    scores = rng.gamma(2.0, size=(37, 11)).astype(np.float32)
+    scores[0, :5] = scores[1, 0]  # ties
+    got = np.asarray(jax.jit(functools.partial(lof_filter_mask, keep=keep))(scores))
+    want = lof_filter_mask_numpy(scores, keep)
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == scores.shape
+
+
+def test_filter_mask_with_mask_equals_valid_only(rng):
+    scores = rng.gamma(2.0, size=(30, 8)).astype(np.float32)
+    mask = rng.uniform(size=scores.shape) < 0.7
+    padded = np.where(mask, scores, np.float32(-5.0))  # would change the quantile if used
+    got = np.asarray(lof_filter_mask(padded, keep=0.85, mask=jnp.asarray(mask)))
+    np.testing.assert_array_equal(got, lof_filter_mask_numpy(scores, 0.85, mask))
+    assert not np.any(got[~mask])
+
+
+def test_filter_mask_no_retrace_and_batching(rng):
+    scores = rng.gamma(2.0, size=(3, 40)).astype(np.float32)
+    masks = np.arange(40)[None, :] < np.array([40, 25, 9])[:, None]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(s, m):
+        return lof_filter_mask(s, keep=0.85, mask=m)
+
+    for s, m in zip(scores, masks):
+        np.testing.assert_array_equal(
+            np.asarray(f(s, jnp.asarray(m))), lof_filter_mask_numpy(s, 0.85, m)
+        )
+    batched = np.asarray(
+        jax.vmap(functools.partial(lof_filter_mask, keep=0.85))(scores, mask=jnp.asarray(masks))
+    )
+    for i in range(3):
+        np.testing.assert_array_equal(batched[i], lof_filter_mask_numpy(scores[i], 0.85, masks[i]))
+
+
+def test_filter_mask_matches_torch_quantile_large():
+    """At N*P ~ 3e5 the float32 rank of torch.quantile is what the official code uses."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    scores = (1.0 + rng.gamma(1.5, 0.2, size=(401, 784))).astype(np.float32)
+    t = torch.from_numpy(scores.reshape(-1))
+    thr = torch.quantile(t, 0.85).item()
+    want = scores < np.float32(thr)
+    got = np.asarray(lof_filter_mask(scores, keep=0.85))
+    np.testing.assert_array_equal(got, want)
+    assert abs(got.mean() - 0.85) < 1e-3
+
+
+def test_bad_input(rng):
+    x = rng.normal(size=(10, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="rank 2"):
+        local_outlier_factor(x[0], k=3)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        local_outlier_factor(x, k=0)
+    with pytest.raises(TypeError, match="k must be"):
+        local_outlier_factor(x, k=2.5)
+    with pytest.raises(ValueError, match="at least k \\+ 1"):
+        local_outlier_factor(x, k=10)
+    with pytest.raises(ValueError, match="valid points"):
+        local_outlier_factor(x, k=3, mask=jnp.arange(10) < 3)
+    with pytest.raises(TypeError, match="floating"):
+        local_outlier_factor(x.astype(np.int32), k=3)
+    with pytest.raises(TypeError, match="boolean"):
+        local_outlier_factor(x, k=3, mask=jnp.ones(10, jnp.int32))
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        local_outlier_factor(bad, k=3)
+    with pytest.raises(ValueError, match="non-finite"):
+        patchwise_lof(bad[:, None], k=3)
+    with pytest.raises(ValueError, match="rank 3"):
+        patchwise_lof(x, k=3)
+    with pytest.raises(ValueError, match="position_chunk"):
+        patchwise_lof(x[:, None], k=3, position_chunk=0)
+    with pytest.raises(ValueError, match="images"):
+        patchwise_lof(x[:4, None], k=6)
+    s = np.abs(x)
+    for keep in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="keep"):
+            lof_filter_mask(s, keep=keep)
+    with pytest.raises(ValueError, match="no valid"):
+        lof_filter_mask(s, mask=jnp.zeros(s.shape, bool))
+    with pytest.raises(ValueError, match="shape"):
+        lof_filter_mask(s, mask=jnp.ones((3,), bool))
+    s[0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        lof_filter_mask(s)
