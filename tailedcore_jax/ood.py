@@ -323,13 +323,16 @@ def mahalanobis_score(model: MahalanobisModel, queries) -> jax.Array:
 def combine_distance_nan(distance, nan) -> jax.Array:
     """Paper Sec. 6.2: ``S = -d / NAN`` (higher = ID).
 
-    A row whose NAN is 0 (no active unit) gets ``-inf``: the most OOD possible score.
+    A row whose NAN is 0 (no active unit) gets the lowest finite float32,
+    ``-finfo(float32).max``: the most OOD score possible that still ranks (the metrics reject
+    infinities). Rows with a positive NAN keep the exact ``-d / NAN``.
     """
     distance = jnp.asarray(distance)
     nan = jnp.asarray(nan)
     if distance.shape != nan.shape:
         raise ValueError(f"distance {distance.shape} and nan {nan.shape} shapes differ")
-    return jnp.where(nan > 0, -distance / jnp.where(nan > 0, nan, 1.0), -jnp.inf)
+    lowest = -jnp.finfo(jnp.float32).max
+    return jnp.where(nan > 0, -distance / jnp.where(nan > 0, nan, 1.0), lowest).astype(jnp.float32)
 
 
 def nan_knn_score(queries, bank, *, k: int = 50, bank_mask=None, **chunks) -> jax.Array:

@@ -86,7 +86,10 @@ def test_knn_distance_and_combination(rng, k):
 
 def test_combine_distance_nan_zero_nan_is_most_ood():
     s = ood.combine_distance_nan(jnp.array([1.0, 2.0]), jnp.array([2.0, 0.0]))
-    assert float(s[0]) == -0.5 and float(s[1]) == -np.inf
+    assert float(s[0]) == -0.5 and float(s[1]) == -np.finfo(np.float32).max
+    # still usable by the metrics (no infinities) and ranked as the most OOD
+    from tailedcore_jax.metrics import auroc
+    assert float(auroc(np.asarray(s), np.array([1, 0]))) == 1.0
 
 
 def test_ssd_fit_on_separated_clusters(rng, key):
