@@ -122,7 +122,10 @@ def _dims(feats) -> tuple[int, int, int]:
 
 @jax.jit
 def _all_finite(x):
-    return jnp.all(jnp.isfinite(x))  # one fused reduction, no x-sized temporary
+    # x * 0 is 0 for finite x and NaN for NaN/inf, and a sum propagates NaN: one fused
+    # sum-reduction. (jnp.all(jnp.isfinite(x)) materialised an x-sized bool temporary on
+    # XLA:CPU, and its max-reduction does not propagate NaN.)
+    return jnp.sum(x * 0.0) == 0.0
 
 
 def _check_finite_large(name: str, x) -> None:
@@ -249,7 +252,7 @@ def fit_patchcore(
     _check_ratio("ratio", ratio)
     feats, _ = _as_grid("patch_features", patch_features)
     image_mask = _check_features("patch_features", feats, mask)
-    n, p, d = _dims(feats)
+    _, p, _ = _dims(feats)
     row_mask = jnp.repeat(image_mask, p)
     f, valid, _ = _coreset_rows(key, feats, row_mask, ratio=ratio, projection_dim=projection_dim,
                                 projection=projection, mesh=mesh)
@@ -295,7 +298,7 @@ def fit_softpatch(
     _check_ratio("drop", drop)
     feats, _ = _as_grid("patch_features", patch_features)
     image_mask = _check_features("patch_features", feats, mask)
-    n, p, d = _dims(feats)
+    n, p, _ = _dims(feats)
     key_lof, key_core = jax.random.split(key)
     lof = _lof_scores(key_lof, feats, image_mask, lof_k=lof_k,
                       lof_projection_dim=lof_projection_dim, position_chunk=position_chunk,
