@@ -59,6 +59,7 @@ __all__ = [
     "score",
     "coreset_capacity",
     "num_valid",
+    "nan_normalised_scores",
 ]
 
 
@@ -508,3 +509,33 @@ def score(
     patch = patch.reshape((b,) + spatial)
     image = jnp.max(patch.reshape(b, -1), axis=-1)
     return image, patch
+
+
+def nan_normalised_scores(image_scores, nan) -> jax.Array:
+    """Image anomaly scores divided by the negative-aware norm of the image's activations.
+
+    Beyond both papers: NAN (Park et al., ICCV 2023, Sec. 6.2) combines a distance score
+    with the NAN of the last hidden layer as ``d / NAN`` (NAN is large for in-distribution
+    inputs). Applied to anomaly detection, ``d`` is the kNN image score of :func:`score` and
+    NAN is :func:`tailedcore_jax.ood.negative_aware_norm` of the image's pooled backbone
+    embedding. Higher still means more anomalous.
+
+    Args:
+        image_scores: ``(B,)`` from :func:`score`.
+        nan: ``(B,)`` NAN of the same images.
+
+    Returns:
+        ``(B,)`` ``image_scores / nan``; an image whose NAN is 0 (no active unit) gets the
+        largest finite float32 (the most anomalous score that still ranks).
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    image_scores = jnp.asarray(image_scores, jnp.float32)
+    nan = jnp.asarray(nan, jnp.float32)
+    if image_scores.shape != nan.shape or image_scores.ndim != 1:
+        raise ValueError(
+            f"image_scores {image_scores.shape} and nan {nan.shape} must both be (B,)"
+        )
+    safe = jnp.where(nan > 0, nan, 1.0)
+    return jnp.where(nan > 0, image_scores / safe, jnp.finfo(jnp.float32).max)
