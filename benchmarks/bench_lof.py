@@ -20,6 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 from tailedcore_jax.lof import _auto_position_chunk, patchwise_lof
 
 
