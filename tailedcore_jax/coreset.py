@@ -500,6 +500,51 @@ def _ratio_fraction(ratio) -> tuple[int, int]:
     return frac.numerator, frac.denominator
 
 
+def _check_masked(features, mask, capacity, ratio, num_valid, projection_dim, projection,
+                  start_index, storage_dtype, distance, *, check_common=None):
+    """Validation shared by the masked coreset (single device and sharded).
+
+    ``check_common`` replaces :func:`_check_common` (the sharded module passes its variant,
+    whose finiteness check stays on device). Returns ``(storage_dtype, capacity,
+    ratio_frac)``; ``ratio_frac`` is None when the count comes from ``num_valid``.
+    """
+    storage_dtype = (check_common or _check_common)(
+        features, mask, projection_dim, projection, start_index, storage_dtype, distance
+    )
+    n = features.shape[0]
+    capacity = _check_capacity("capacity", capacity, n)
+    if ratio is not None and num_valid is not None:
+        raise ValueError("give either ratio or num_valid, not both")
+    ratio_frac = None
+    if num_valid is None:
+        ratio_frac = _ratio_fraction(0.1 if ratio is None else ratio)
+    else:
+        if jnp.ndim(num_valid) != 0:
+            raise ValueError(f"num_valid must be a scalar, got shape {jnp.shape(num_valid)}")
+        if not jnp.issubdtype(jnp.result_type(num_valid), jnp.integer):
+            raise TypeError(f"num_valid must be an integer, got {jnp.result_type(num_valid)}")
+    total = V.concrete_count(mask, n)
+    if total is not None:
+        if total == 0:
+            raise ValueError("mask selects no rows: cannot build a coreset of an empty set")
+        if ratio_frac is not None:
+            a, b = ratio_frac
+            want = max(1, total * a // b)
+            if want > capacity:
+                raise ValueError(
+                    f"ratio selects {want} of {total} valid rows, more than capacity={capacity}"
+                )
+    if num_valid is not None and V.is_concrete(num_valid):
+        k = int(np.asarray(num_valid))
+        if k < 0:
+            raise ValueError(f"num_valid must be >= 0, got {k}")
+        if k > capacity:
+            raise ValueError(f"num_valid={k} exceeds capacity={capacity}")
+        if total is not None and k > total:
+            raise ValueError(f"num_valid={k} exceeds the number of valid rows {total}")
+    return storage_dtype, capacity, ratio_frac
+
+
 def greedy_coreset_masked(
     key: jax.Array,
     features: Float[Array, "n D"],
@@ -577,40 +622,10 @@ def greedy_coreset_masked(
     if mask is None:
         raise ValueError("greedy_coreset_masked needs a mask; use greedy_coreset without one")
     mask = jnp.asarray(mask)
-    storage_dtype = _check_common(
-        features, mask, projection_dim, projection, start_index, storage_dtype, distance
+    storage_dtype, capacity, ratio_frac = _check_masked(
+        features, mask, capacity, ratio, num_valid, projection_dim, projection, start_index,
+        storage_dtype, distance,
     )
-    n = features.shape[0]
-    capacity = _check_capacity("capacity", capacity, n)
-    if ratio is not None and num_valid is not None:
-        raise ValueError("give either ratio or num_valid, not both")
-    ratio_frac = None
-    if num_valid is None:
-        ratio_frac = _ratio_fraction(0.1 if ratio is None else ratio)
-    else:
-        if jnp.ndim(num_valid) != 0:
-            raise ValueError(f"num_valid must be a scalar, got shape {jnp.shape(num_valid)}")
-        if not jnp.issubdtype(jnp.result_type(num_valid), jnp.integer):
-            raise TypeError(f"num_valid must be an integer, got {jnp.result_type(num_valid)}")
-    total = V.concrete_count(mask, n)
-    if total is not None:
-        if total == 0:
-            raise ValueError("mask selects no rows: cannot build a coreset of an empty set")
-        if ratio_frac is not None:
-            a, b = ratio_frac
-            want = max(1, total * a // b)
-            if want > capacity:
-                raise ValueError(
-                    f"ratio selects {want} of {total} valid rows, more than capacity={capacity}"
-                )
-    if num_valid is not None and V.is_concrete(num_valid):
-        k = int(np.asarray(num_valid))
-        if k < 0:
-            raise ValueError(f"num_valid must be >= 0, got {k}")
-        if k > capacity:
-            raise ValueError(f"num_valid={k} exceeds capacity={capacity}")
-        if total is not None and k > total:
-            raise ValueError(f"num_valid={k} exceeds the number of valid rows {total}")
     idx, count = _coreset_core(
         key,
         features,

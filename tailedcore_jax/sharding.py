@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import functools
 import math
-from fractions import Fraction
 from typing import Literal
 
 import jax
@@ -70,7 +69,13 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from tailedcore_jax import _validation as V
-from tailedcore_jax.coreset import CoresetSelection, greedy_coreset, random_projection
+from tailedcore_jax.coreset import (
+    CoresetSelection,
+    _check_capacity,
+    _check_masked,
+    greedy_coreset,
+    random_projection,
+)
 from tailedcore_jax.knn import (
     DEFAULT_BANK_CHUNK,
     DEFAULT_QUERY_CHUNK,
@@ -582,16 +587,6 @@ def _check_coreset_args(features, mask, projection_dim, projection, start_index,
     return storage_dtype
 
 
-def _check_capacity(name, value, n):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a Python int (static), got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    if value > n:
-        raise ValueError(f"{name}={value} exceeds the number of rows {n}")
-    return int(value)
-
-
 def _coreset_driver(key, features, mask, start_index, projection, num_valid, *, mesh, axis_name,
                     capacity, projection_dim, storage_dtype, distance, ratio_frac):
     axes = _axes(mesh, axis_name)
@@ -682,21 +677,6 @@ def sharded_greedy_coreset(
     return idx
 
 
-def _ratio_fraction(ratio) -> tuple[int, int]:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating, np.integer)):
-        raise TypeError(f"ratio must be a Python float, got {type(ratio).__name__}")
-    ratio = float(ratio)
-    if not (0.0 < ratio <= 1.0):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    frac = Fraction(ratio).limit_denominator(_RATIO_MAX_DENOMINATOR)
-    if abs(float(frac) - ratio) > 1e-12 * ratio:
-        raise ValueError(
-            f"ratio={ratio!r} is not a fraction a/b with b <= {_RATIO_MAX_DENOMINATOR}; "
-            "pass num_valid= instead"
-        )
-    return frac.numerator, frac.denominator
-
-
 def sharded_greedy_coreset_masked(
     key: jax.Array,
     features: Float[Array, "n D"],
@@ -740,39 +720,10 @@ def sharded_greedy_coreset_masked(
     if mask is None:
         raise ValueError("sharded_greedy_coreset_masked needs a mask; use sharded_greedy_coreset")
     mask = jnp.asarray(mask)
-    storage_dtype = _check_coreset_args(features, mask, projection_dim, projection, start_index,
-                                        storage_dtype, distance)
-    n = features.shape[0]
-    capacity = _check_capacity("capacity", capacity, n)
-    if ratio is not None and num_valid is not None:
-        raise ValueError("give either ratio or num_valid, not both")
-    ratio_frac = None
-    if num_valid is None:
-        ratio_frac = _ratio_fraction(0.1 if ratio is None else ratio)
-    else:
-        if jnp.ndim(num_valid) != 0:
-            raise ValueError(f"num_valid must be a scalar, got shape {jnp.shape(num_valid)}")
-        if not jnp.issubdtype(jnp.result_type(num_valid), jnp.integer):
-            raise TypeError(f"num_valid must be an integer, got {jnp.result_type(num_valid)}")
-    total = V.concrete_count(mask, n)
-    if total is not None:
-        if total == 0:
-            raise ValueError("mask selects no rows: cannot build a coreset of an empty set")
-        if ratio_frac is not None:
-            a, b = ratio_frac
-            want = max(1, total * a // b)
-            if want > capacity:
-                raise ValueError(
-                    f"ratio selects {want} of {total} valid rows, more than capacity={capacity}"
-                )
-    if num_valid is not None and V.is_concrete(num_valid):
-        kk = int(np.asarray(num_valid))
-        if kk < 0:
-            raise ValueError(f"num_valid must be >= 0, got {kk}")
-        if kk > capacity:
-            raise ValueError(f"num_valid={kk} exceeds capacity={capacity}")
-        if total is not None and kk > total:
-            raise ValueError(f"num_valid={kk} exceeds the number of valid rows {total}")
+    storage_dtype, capacity, ratio_frac = _check_masked(
+        features, mask, capacity, ratio, num_valid, projection_dim, projection, start_index,
+        storage_dtype, distance, check_common=_check_coreset_args,
+    )
     idx, count = _coreset_driver(
         key, features, mask, start_index, projection, num_valid, mesh=mesh, axis_name=axis_name,
         capacity=capacity, projection_dim=projection_dim, storage_dtype=storage_dtype,
