@@ -331,8 +331,17 @@ def _coreset_core(key, features, row_ok, start_index, projection, num_valid, *, 
 # ----------------------------------------------------------------------------------------
 
 
+def _host_check_finite_rows(name, features, mask):
+    """NaN/inf check of the valid rows of concrete inputs (skipped under tracing)."""
+    if V.is_concrete(features) and (mask is None or V.is_concrete(mask)):
+        rows = np.asarray(features)
+        if mask is not None:
+            rows = rows[np.asarray(mask)]
+        V.check_finite(name, rows)
+
+
 def _check_common(features, mask, projection_dim, projection, start_index, storage_dtype,
-                  distance):
+                  distance, *, check_finite_rows=_host_check_finite_rows):
     V.check_rank("features", features, 2)
     V.check_floating("features", features)
     n, d_in = features.shape
@@ -362,11 +371,7 @@ def _check_common(features, mask, projection_dim, projection, start_index, stora
     if distance not in ("expansion", "difference"):
         raise ValueError(f"distance must be 'expansion' or 'difference', got {distance!r}")
     # Value checks (only possible on concrete arrays; skipped under jit/vmap tracing).
-    if V.is_concrete(features) and (mask is None or V.is_concrete(mask)):
-        rows = np.asarray(features)
-        if mask is not None:
-            rows = rows[np.asarray(mask)]
-        V.check_finite("features (valid rows)", rows)
+    check_finite_rows("features (valid rows)", features, mask)
     if start_index is not None:
         if jnp.ndim(start_index) != 0:
             raise ValueError(f"start_index must be a scalar, got shape {jnp.shape(start_index)}")
@@ -501,15 +506,17 @@ def _ratio_fraction(ratio) -> tuple[int, int]:
 
 
 def _check_masked(features, mask, capacity, ratio, num_valid, projection_dim, projection,
-                  start_index, storage_dtype, distance, *, check_common=None):
+                  start_index, storage_dtype, distance, *,
+                  check_finite_rows=_host_check_finite_rows):
     """Validation shared by the masked coreset (single device and sharded).
 
-    ``check_common`` replaces :func:`_check_common` (the sharded module passes its variant,
-    whose finiteness check stays on device). Returns ``(storage_dtype, capacity,
+    ``check_finite_rows`` is the NaN/inf check of the valid rows (the sharded module passes
+    one that stays on device). Returns ``(storage_dtype, capacity,
     ratio_frac)``; ``ratio_frac`` is None when the count comes from ``num_valid``.
     """
-    storage_dtype = (check_common or _check_common)(
-        features, mask, projection_dim, projection, start_index, storage_dtype, distance
+    storage_dtype = _check_common(
+        features, mask, projection_dim, projection, start_index, storage_dtype, distance,
+        check_finite_rows=check_finite_rows,
     )
     n = features.shape[0]
     capacity = _check_capacity("capacity", capacity, n)

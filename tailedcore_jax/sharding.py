@@ -72,6 +72,7 @@ from tailedcore_jax import _validation as V
 from tailedcore_jax.coreset import (
     CoresetSelection,
     _check_capacity,
+    _check_common,
     _check_masked,
     greedy_coreset,
     random_projection,
@@ -540,52 +541,9 @@ def _sharded_select(xt, sq, ok, start, num_valid, *, mesh, axes, capacity, dista
     return idx, count
 
 
-def _check_coreset_args(features, mask, projection_dim, projection, start_index, storage_dtype,
-                        distance):
-    V.check_rank("features", features, 2)
-    V.check_floating("features", features)
-    n, d_in = features.shape
-    if n == 0 or d_in == 0:
-        raise ValueError(f"features is empty: shape {features.shape}")
-    V.check_mask("mask", mask, n)
-    if projection_dim is not None and (
-        isinstance(projection_dim, bool) or not isinstance(projection_dim, (int, np.integer))
-        or projection_dim < 1
-    ):
-        raise ValueError(f"projection_dim must be None or a positive int, got {projection_dim!r}")
-    if projection is not None:
-        V.check_rank("projection", projection, 2)
-        V.check_floating("projection", projection)
-        if projection.shape[0] != d_in:
-            raise ValueError(
-                f"projection must have shape ({d_in}, p) to match features {features.shape}, "
-                f"got {projection.shape}"
-            )
-        V.check_finite("projection", projection)
-    if storage_dtype is not None:
-        storage_dtype = jnp.dtype(storage_dtype)
-        if storage_dtype not in (jnp.dtype(_f32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise TypeError(
-                f"storage_dtype must be None, float32, bfloat16 or float16, got {storage_dtype}"
-            )
-        if storage_dtype == jnp.dtype(_f32):
-            storage_dtype = None
-    if distance not in ("expansion", "difference"):
-        raise ValueError(f"distance must be 'expansion' or 'difference', got {distance!r}")
-    _check_finite_valid("features (valid rows)", features, mask)
-    if start_index is not None:
-        if jnp.ndim(start_index) != 0:
-            raise ValueError(f"start_index must be a scalar, got shape {jnp.shape(start_index)}")
-        if not jnp.issubdtype(jnp.result_type(start_index), jnp.integer):
-            raise TypeError(f"start_index must be an integer, got {jnp.result_type(start_index)}")
-        if V.is_concrete(start_index):
-            s = int(np.asarray(start_index))
-            if not 0 <= s < n:
-                raise ValueError(f"start_index {s} is out of range for {n} rows")
-            if mask is not None and V.is_concrete(mask) and not bool(np.asarray(mask)[s]):
-                raise ValueError(f"start_index {s} is a masked (invalid) row")
-    return storage_dtype
-
+def _check_coreset_args(*args):
+    """coreset's argument checks, with the NaN/inf check of the valid rows kept on device."""
+    return _check_common(*args, check_finite_rows=_check_finite_valid)
 
 def _coreset_driver(key, features, mask, start_index, projection, num_valid, *, mesh, axis_name,
                     capacity, projection_dim, storage_dtype, distance, ratio_frac):
@@ -722,7 +680,7 @@ def sharded_greedy_coreset_masked(
     mask = jnp.asarray(mask)
     storage_dtype, capacity, ratio_frac = _check_masked(
         features, mask, capacity, ratio, num_valid, projection_dim, projection, start_index,
-        storage_dtype, distance, check_common=_check_coreset_args,
+        storage_dtype, distance, check_finite_rows=_check_finite_valid,
     )
     idx, count = _coreset_driver(
         key, features, mask, start_index, projection, num_valid, mesh=mesh, axis_name=axis_name,
