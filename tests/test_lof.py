@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tailedcore_jax.lof as lof_module
 from tailedcore_jax.lof import local_outlier_factor, lof_filter_mask, patchwise_lof
 from tests.reference.lof import lof_filter_mask_numpy, lof_numpy, patchwise_lof_numpy
 
@@ -33,6 +34,102 @@ def with_duplicates(rng, n, d):
     x[30] = x[31]  # a pair
     x[13] = x[4] + 0.05  # next to the big group: its LOF is ~1e10 * distance (huge)
     return x
+
+
+def near_tie_problems():
+    """8-point sets whose row 0 has its 3rd and 4th nearest neighbours closer than float32 sees.
+
+    Row 0 sits at the origin, rows 1-2 at distance 1, row 3 = (2, 0, 0, 0) at squared distance
+    exactly 4 and row 4 = (a, b, 0, 0) at ``a**2 + b**2 = 4 + eps`` with ``0 < |eps| < 1e-7``
+    (float32 resolution at 4 is 4.8e-7). Rows 5-7 are a tight cluster next to row 3 (farther
+    from the origin than 2), so rows 3 and 4 have very different lrd and picking the wrong one
+    changes row 0's LOF by a large factor. Rows 1-2 see the same tie at their 3rd/4th place.
+    Returns ``[(eps, x)]`` with both signs of eps.
+    """
+    problems = []
+    for b in np.linspace(0.2, 0.8, 25):
+        b32 = np.float32(b)
+        a_mid = np.float32(np.sqrt(4.0 - float(b32) ** 2))
+        for a in (np.nextafter(a_mid, np.float32(0)), a_mid, np.nextafter(a_mid, np.float32(9))):
+            eps = float(a) ** 2 + float(b32) ** 2 - 4.0
+            if 0 < abs(eps) < 1e-7:
+                x = np.zeros((8, 4), np.float32)
+                x[1, 2] = x[2, 3] = 1.0
+                x[3, 0] = 2.0
+                x[4, :2] = a, b32
+                x[5:, :2] = [[2.05, 0.03], [2.05, -0.03], [2.08, 0.0]]
+                problems.append((eps, x))
+    return problems
+
+
+def test_near_ties_resolved_like_float64(monkeypatch):
+    """Neighbour sets match sklearn's float64 computation even below float32 resolution."""
+    problems = near_tie_problems()
+    signs = [np.sign(eps) for eps, _ in problems]
+    assert signs.count(-1) >= 3 and signs.count(1) >= 3
+    f = jax.jit(functools.partial(local_outlier_factor, k=3))
+    for _, x in problems:
+        want = sklearn_lof(x, 3)
+        np.testing.assert_allclose(np.asarray(f(x)), want, rtol=RTOL)
+        np.testing.assert_allclose(np.asarray(f(x)), lof_numpy(x, 3), rtol=RTOL)
+
+    # The same pipeline without the float-float boundary check gets some of them wrong, so the
+    # data really are below float32 resolution (this test can fail).
+    monkeypatch.setattr(
+        lof_module,
+        "_refine_boundaries",
+        lambda xf, sq, idx, *, k, budget=None: (sq[..., :k], idx[..., :k]),
+    )
+    wrong = 0
+    for _, x in problems:
+        plain = np.asarray(
+            lof_module._lof_batch(jnp.asarray(x)[None], jnp.ones((1, 8), bool), k=3)[0]
+        )
+        wrong += not np.allclose(plain, sklearn_lof(x, 3), rtol=RTOL)
+    assert wrong >= 3
+
+
+@pytest.mark.parametrize("budget", [None, 1, 4, 30, 10_000])
+def test_refine_compacted_and_fallback_branches_agree(rng, budget):
+    """The compacted buffer and the every-row fallback give sklearn's answer (jit and vmap)."""
+    problems = [x for _, x in near_tie_problems()][:6]
+    noise = [rng.normal(size=(8, 4)).astype(np.float32) for _ in range(4)]
+    xs = np.stack(problems + noise)  # 10 problems x 8 rows: ~18 ambiguous rows, 80 in all
+    masks = np.ones(xs.shape[:2], bool)
+    k = 3
+
+    @jax.jit
+    def run(x, m):
+        xf, sq, idx = jax.vmap(functools.partial(lof_module._neighbours, k=k))(x, m)
+        sq, idx = lof_module._refine_boundaries(xf, sq, idx, k=k, budget=budget)
+        return jax.vmap(functools.partial(lof_module._lof_from_neighbours, k=k))(sq, idx, m)
+
+    got = np.asarray(run(xs, masks))
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(got[i], sklearn_lof(x, k), rtol=RTOL)
+    # vmap over a leading axis turns the lax.cond into a select: same answer.
+    stacked = np.stack([xs, xs[::-1]])
+    got_v = np.asarray(jax.vmap(run)(stacked, np.stack([masks, masks])))
+    np.testing.assert_allclose(got_v[0], got, rtol=1e-6)
+    np.testing.assert_allclose(got_v[1], got[::-1], rtol=1e-6)
+
+
+def test_patchwise_near_ties_and_duplicates():
+    """Both refine branches inside `patchwise_lof`: chunk 1 holds 12 near-tie positions (36
+    ambiguous rows, under the 64-row buffer), chunk 2 holds 12 positions of 3 points repeated
+    3, 3 and 2 times (every row's 3rd and 4th neighbours are copies of one point, so all 96
+    rows are ambiguous: over 64, so every row is re-compared)."""
+    problems = [x for _, x in near_tie_problems()]
+    rng = np.random.default_rng(3)
+    near = [problems[j % len(problems)] for j in range(12)]
+    dups = []
+    for _ in range(12):
+        base = rng.normal(size=(3, 4)).astype(np.float32)
+        dups.append(base[np.array([0, 0, 0, 1, 1, 1, 2, 2])][rng.permutation(8)])
+    feats = np.stack(near + dups, axis=1)  # (8 images, 24 positions, 4)
+    got = np.asarray(patchwise_lof(feats, k=3, position_chunk=12))
+    want = np.stack([sklearn_lof(feats[:, j], 3) for j in range(24)], axis=1)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
 
 
 @pytest.mark.parametrize("k", list(range(1, 11)))
@@ -123,6 +220,16 @@ def test_patchwise_matches_sklearn_loop(rng, position_chunk):
     assert got.shape == (n, p)
     np.testing.assert_allclose(got, want, rtol=RTOL)
     np.testing.assert_allclose(got, patchwise_lof_numpy(feats, k), rtol=RTOL)
+
+
+@pytest.mark.parametrize("shape", [(20, 13, 8), (300, 6, 128)])
+def test_patchwise_bit_identical_for_every_chunk(rng, shape):
+    """Fixed-order sums: the chunking (and so the sharded version) cannot change a single bit."""
+    x = rng.normal(size=shape).astype(np.float32)
+    mask = np.arange(shape[0]) != 3
+    outs = [np.asarray(patchwise_lof(x, mask=mask, position_chunk=c)) for c in (1, 2, 4, None)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
 
 
 def test_patchwise_mask_jit_vmap_no_retrace(rng):
