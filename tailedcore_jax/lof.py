@@ -432,7 +432,7 @@ _lof_jit = jax.jit(_lof_one, static_argnames=("k",))
 def _auto_position_chunk(num_images: int, num_positions: int, dim: int, k: int) -> int:
     # Per position: the (N, N) GEMM output plus the gathered (N, k + 1, d) candidate rows and
     # their differences. On CPU the chunk is sized to stay cache-resident (measured: 4 positions
-    # at N = 800 run ~25% faster than 47); on accelerators a larger batch keeps the device busy.
+    # at N = 800 run ~20% faster than 47); on accelerators a larger batch keeps the device busy.
     width = -(-num_images // _BLOCK) * _BLOCK
     per_position = 4 * (num_images * width + 3 * num_images * (k + 1) * dim)
     budget = _CPU_CHUNK_BYTES if jax.default_backend() == "cpu" else _CHUNK_BUDGET_BYTES
