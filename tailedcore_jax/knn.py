@@ -356,38 +356,11 @@ def _nearest_neighbors(queries, bank, bank_mask, bank_sq, *, k, query_chunk, ban
         """(sq_distances, indices) of the k nearest valid bank rows, for one query block."""
         rows = q.shape[0]
 
-        def merge_min(carry, j):  # k == 1: running (min, argmin)
-            best_r, best_i = carry
+        def merge(carry, j):
             b, h, begin = bank_block(j)
-            # lax.top_k(., 1) rather than min/argmin: on XLA:CPU the TopK custom call was
-            # measured faster than the variadic (value, index) reduce behind argmin.
-            # Same tie rule (lowest index first).
-            neg, i = jax.lax.top_k(-block_keys(q, b, h), 1)
-            rmin, i = -neg[:, 0], i[:, 0].astype(jnp.int32) + begin
-            better = rmin < best_r  # strict: on equal keys the earlier block wins
-            return jnp.where(better, rmin, best_r), jnp.where(better, i, best_i)
+            return _merge_block(carry, block_keys(q, b, h), begin, k=k)
 
-        def merge_topk(carry, j):  # k > 1: running top-k
-            top_r, top_i = carry
-            b, h, begin = bank_block(j)
-            r = block_keys(q, b, h)
-            if b_rows > k:
-                neg, i = jax.lax.top_k(-r, k)
-                r, i = -neg, i.astype(jnp.int32) + begin
-            else:
-                i = jnp.broadcast_to(row_in_block + begin, r.shape)
-            # The carry comes first and holds lower indices, and lax.top_k puts the lower
-            # position first on ties, so equal keys stay in index order.
-            neg, sel = jax.lax.top_k(-jnp.concatenate([top_r, r], axis=1), k)
-            all_i = jnp.concatenate([top_i, i], axis=1)
-            return -neg, jnp.take_along_axis(all_i, sel, axis=1)
-
-        if k == 1:
-            merge = merge_min
-            init = (jnp.full((rows,), inf, dtype), jnp.full((rows,), -1, jnp.int32))
-        else:
-            merge = merge_topk
-            init = (jnp.full((rows, k), inf, dtype), jnp.full((rows, k), -1, jnp.int32))
+        init = _empty_best(rows, k, dtype)
         if n_bblocks == 1:
             best_r, best_i = merge(init, 0)
         else:
@@ -418,6 +391,44 @@ def _nearest_neighbors(queries, bank, bank_mask, bank_sq, *, k, query_chunk, ban
 # --------------------------------------------------------------------------------------
 # internals
 # --------------------------------------------------------------------------------------
+
+
+def _empty_best(rows: int, k: int, dtype):
+    """Initial carry of `_merge_block`: no neighbour yet (key +inf, index -1)."""
+    shape = (rows,) if k == 1 else (rows, k)
+    return jnp.full(shape, jnp.inf, dtype), jnp.full(shape, -1, jnp.int32)
+
+
+def _merge_block(carry, keys, begin, *, k: int):
+    """Fold one bank block's ``(rows, b_rows)`` keys into the running best ``k`` (ascending).
+
+    ``begin`` is the bank index of the block's first row. For ``k == 1`` the carry is
+    ``(rows,)`` (running min/argmin), else ``(rows, k)``. Ties go to the lowest bank index as
+    long as blocks are folded in index order. Shared by `nearest_neighbors` and the sharded
+    kNN so that both round and break ties identically.
+    """
+    b_rows = keys.shape[1]
+    if k == 1:
+        best_r, best_i = carry
+        # lax.top_k(., 1) rather than min/argmin: on XLA:CPU the TopK custom call was
+        # measured faster than the variadic (value, index) reduce behind argmin.
+        # Same tie rule (lowest index first).
+        neg, i = jax.lax.top_k(-keys, 1)
+        rmin, i = -neg[:, 0], i[:, 0].astype(jnp.int32) + begin
+        better = rmin < best_r  # strict: on equal keys the earlier block wins
+        return jnp.where(better, rmin, best_r), jnp.where(better, i, best_i)
+    top_r, top_i = carry
+    if b_rows > k:
+        neg, i = jax.lax.top_k(-keys, k)
+        r, i = -neg, i.astype(jnp.int32) + begin
+    else:
+        r = keys
+        i = jnp.broadcast_to(jnp.arange(b_rows, dtype=jnp.int32) + begin, keys.shape)
+    # The carry comes first and holds lower indices, and lax.top_k puts the lower
+    # position first on ties, so equal keys stay in index order.
+    neg, sel = jax.lax.top_k(-jnp.concatenate([top_r, r], axis=1), k)
+    all_i = jnp.concatenate([top_i, i], axis=1)
+    return -neg, jnp.take_along_axis(all_i, sel, axis=1)
 
 
 def _check_finite_rows(name: str, x, mask=None, rows_per_pass: int = 4096) -> None:

@@ -81,6 +81,8 @@ from tailedcore_jax.knn import (
     DEFAULT_BANK_CHUNK,
     DEFAULT_QUERY_CHUNK,
     NeighborResult,
+    _empty_best,
+    _merge_block,
 )
 from tailedcore_jax.lof import patchwise_lof
 
@@ -330,12 +332,10 @@ def _sharded_knn(queries, blocks, h, begins, *, mesh, axes, k, query_chunk, prec
                  single_block):
     shards = mesh_size(mesh, axes)
     m = queries.shape[0]
-    b_rows = blocks.shape[1]
     dtype = queries.dtype
     inf = jnp.array(jnp.inf, dtype)
     n_qblocks, q_rows = _balanced(m, query_chunk)
     spec = _spec_axes(axes)
-    row_in_block = jnp.arange(b_rows, dtype=jnp.int32)
 
     def local(q_all, blk, hh, beg):
         """Running best keys ``r = |b|^2/2 - q.b`` over this device's blocks, per query
@@ -347,31 +347,10 @@ def _sharded_knn(queries, blocks, h, begins, *, mesh, axes, k, query_chunk, prec
             def keys(j):
                 return hh[j][None, :] - jnp.dot(q, blk[j].T, precision=precision)
 
-            def merge_min(carry, j):
-                best_r, best_i = carry
-                neg, i = jax.lax.top_k(-keys(j), 1)
-                rmin, i = -neg[:, 0], i[:, 0].astype(jnp.int32) + beg[j]
-                better = rmin < best_r
-                return jnp.where(better, rmin, best_r), jnp.where(better, i, best_i)
+            def merge(carry, j):
+                return _merge_block(carry, keys(j), beg[j], k=k)
 
-            def merge_topk(carry, j):
-                top_r, top_i = carry
-                r = keys(j)
-                if b_rows > k:
-                    neg, i = jax.lax.top_k(-r, k)
-                    r, i = -neg, i.astype(jnp.int32) + beg[j]
-                else:
-                    i = jnp.broadcast_to(row_in_block + beg[j], r.shape)
-                neg, sel = jax.lax.top_k(-jnp.concatenate([top_r, r], axis=1), k)
-                all_i = jnp.concatenate([top_i, i], axis=1)
-                return -neg, jnp.take_along_axis(all_i, sel, axis=1)
-
-            if k == 1:
-                merge = merge_min
-                init = (jnp.full((rows,), inf, dtype), jnp.full((rows,), -1, jnp.int32))
-            else:
-                merge = merge_topk
-                init = (jnp.full((rows, k), inf, dtype), jnp.full((rows, k), -1, jnp.int32))
+            init = _empty_best(rows, k, dtype)
             n_local = blk.shape[0]
             # Same control flow as on one device (a scan unless the whole bank is one
             # block): XLA may emit a dot differently inside a loop body.
