@@ -4,9 +4,9 @@ Generates a long-tail mixture of patch features directly on the device (no backb
 host copy): ``N = patches / positions`` images of ``positions`` patches of ``dim`` floats,
 image classes of geometric sizes (a few head classes, many small tail classes), patch
 feature = class centre + position offset + noise, image embedding = class centre + noise.
-Then runs the stages of :func:`tailedcore_jax.memory.fit_tailedcore` one by one, with the
-same private helpers and the same key splits as ``fit_tailedcore`` (TailSampler, tail
-coreset, LOF projection + patch-wise LOF, LOF filter, head coreset, merge), and reports per
+Then runs :func:`tailedcore_jax.memory.fit_tailedcore` as its public paper steps, one by one,
+with the same key splits (TailSampler, tail rows, tail coreset, LOF projection + patch-wise
+LOF, LOF filter, head coreset, merge), and reports per
 stage: wall time, the peak resident memory of the process during the stage (sampled every
 20 ms from /proc/self/status) and ``ru_maxrss`` after it. ``--mode fit`` instead runs
 ``fit_tailedcore`` as one call (total time and peak only); ``--smoke`` runs both and checks
@@ -147,14 +147,13 @@ def gemm_gflops(size=1024, repeats=3):
     return 2 * size**3 / best / 1e9
 
 
-def run_stages(key, feats, emb, *, ratio, lof_k, drop, projection_dim, lof_projection_dim,
+def run_stages(key, feats, emb, *, ratio, lof_k, lof_drop, projection_dim, lof_projection_dim,
                mesh, report):
-    """The body of memory.fit_tailedcore, stage by stage (same helpers, same key splits)."""
+    """memory.fit_tailedcore as its public paper steps, one stage at a time (same key splits)."""
+    from tailedcore_jax import lof as lof_mod
     from tailedcore_jax import memory
-    from tailedcore_jax.lof import lof_filter_mask
     from tailedcore_jax.tailsampler import tail_sample_mask
 
-    n, p, d = memory._dims(feats)
     sampler = PeakSampler()
 
     def stage(name, fn):
@@ -168,35 +167,25 @@ def run_stages(key, feats, emb, *, ratio, lof_k, drop, projection_dim, lof_proje
         print(json.dumps({"stage": name, **report[name]}), flush=True)
         return out
 
-    image_mask = stage("checks", lambda: memory._check_features("patch_features", feats, None))
     key_lof, key_head, key_tail = jax.random.split(key, 3)
-    tail_mask, _ = stage("tail_sampler", lambda: tail_sample_mask(emb, mask=image_mask))
-    tail_mask = tail_mask & image_mask
-    t = int(np.asarray(tail_mask).sum())
-    max_tail = max(t, 1)
-    (tail_idx,) = jnp.nonzero(tail_mask, size=max_tail, fill_value=0)
-
-    def tail_branch():
-        tail_rows = feats[tail_idx].reshape(max_tail * p, d)
-        row_mask = jnp.repeat(jnp.arange(max_tail) < t, p)
-        return memory._coreset_rows(key_tail, tail_rows, row_mask, ratio=ratio,
-                                    projection_dim=projection_dim, mesh=mesh)
-
-    tail_f, tail_valid, _ = stage("tail_coreset", tail_branch)
-    lof = stage("lof", lambda: memory._lof_scores(
-        key_lof, feats, image_mask, lof_k=lof_k, lof_projection_dim=lof_projection_dim,
-        position_chunk=None, mesh=mesh))
-    keep = stage("lof_filter", lambda: lof_filter_mask(
-        lof, keep=1.0 - drop, mask=jnp.broadcast_to(image_mask[:, None], (n, p))))
-    head_f, head_valid, _ = stage("head_coreset", lambda: memory._coreset_rows(
+    tail_mask, _ = stage("tail_sampler", lambda: tail_sample_mask(emb))
+    rows, row_mask = stage("tail_rows", lambda: memory.tail_rows(feats, tail_mask))
+    tail = stage("tail_coreset", lambda: memory.coreset_rows(
+        key_tail, rows, row_mask, ratio=ratio, projection_dim=projection_dim, allow_empty=True,
+        mesh=mesh))
+    lof = stage("lof", lambda: memory.lof_scores(
+        key_lof, feats, k=lof_k, projection_dim=lof_projection_dim, mesh=mesh))
+    keep = stage("lof_filter", lambda: lof_mod.lof_filter_mask(lof, drop=lof_drop))
+    head = stage("head_coreset", lambda: memory.coreset_rows(
         key_head, feats, keep.reshape(-1), ratio=ratio, projection_dim=projection_dim,
         mesh=mesh))
     bank = stage("merge", lambda: memory.MemoryBank(
-        jnp.concatenate([tail_f, head_f]), jnp.concatenate([tail_valid, head_valid]), None,
-        jnp.concatenate([jnp.ones_like(tail_valid), jnp.zeros_like(head_valid)])))
-    return bank, {"tail_images": t, "lof_kept": int(np.asarray(keep).sum()),
-                  "tail_rows_valid": int(np.asarray(tail_valid).sum()),
-                  "head_rows_valid": int(np.asarray(head_valid).sum())}
+        jnp.concatenate([tail.features, head.features]), jnp.concatenate([tail.valid, head.valid]),
+        None, jnp.concatenate([jnp.ones_like(tail.valid), jnp.zeros_like(head.valid)])))
+    return bank, {"tail_images": int(np.asarray(tail_mask).sum()),
+                  "lof_kept": int(np.asarray(keep).sum()),
+                  "tail_rows_valid": int(np.asarray(tail.valid).sum()),
+                  "head_rows_valid": int(np.asarray(head.valid).sum())}
 
 
 def main(argv=None):
@@ -240,7 +229,7 @@ def main(argv=None):
     print(json.dumps({"stage": "generate", **gen}), flush=True)
 
     key = jax.random.key(1)
-    kw = {"ratio": args.ratio, "lof_k": 6, "drop": 0.15, "projection_dim": args.projection_dim,
+    kw = {"ratio": args.ratio, "lof_k": 6, "lof_drop": 0.15, "projection_dim": args.projection_dim,
           "lof_projection_dim": 128 if args.dim > 128 else None}
     stages = {"generate": gen}
     info = {}

@@ -1,7 +1,8 @@
 """tailedcore_jax: TailedCore and NAN as pure, jit-compiled JAX functions.
 
-Every public numeric function is re-exported here, one name per line. Host-side modules
-(``data``, ``checkpoint``, ``runner``, ``report``, ``models.convert``) are imported on demand.
+Every public numeric function is re-exported here, one name per line; ``docs/design.md`` maps
+each paper step to its module and function. Host-side modules (``data``, ``checkpoint``,
+``models.convert``) are imported on demand; the experiments live in the ``experiments`` package.
 
 References:
     TailedCore: Jung et al., CVPR 2025 (arXiv 2504.02775), code jungyg/TailedCore.
@@ -28,17 +29,17 @@ from tailedcore_jax.lof import local_outlier_factor
 from tailedcore_jax.lof import lof_filter_mask
 from tailedcore_jax.lof import patchwise_lof
 
-# class_size / tailsampler
-from tailedcore_jax.class_size import cosine_similarity_matrix
-from tailedcore_jax.class_size import elbow
-from tailedcore_jax.class_size import few_shot_threshold
-from tailedcore_jax.class_size import group_class_sizes
-from tailedcore_jax.class_size import max_k_within_percentile
-from tailedcore_jax.class_size import predict_class_sizes
-from tailedcore_jax.class_size import trim_min_thresholds
+# tailsampler (in the paper's step order)
+from tailedcore_jax.tailsampler import cosine_similarity_matrix
+from tailedcore_jax.tailsampler import trim_min_thresholds
+from tailedcore_jax.tailsampler import predict_class_sizes
+from tailedcore_jax.tailsampler import group_class_sizes
+from tailedcore_jax.tailsampler import elbow
+from tailedcore_jax.tailsampler import max_k_within_percentile
+from tailedcore_jax.tailsampler import few_shot_threshold
 from tailedcore_jax.tailsampler import TailSamplerStatistics
-from tailedcore_jax.tailsampler import tail_sample_mask
 from tailedcore_jax.tailsampler import tail_sampler_statistics
+from tailedcore_jax.tailsampler import tail_sample_mask
 
 # features / augment / anomaly_map
 from tailedcore_jax.features import adaptive_avg_pool1d
@@ -52,21 +53,22 @@ from tailedcore_jax.augment import tail_augmentation_params
 from tailedcore_jax.augment import tail_augmentations
 from tailedcore_jax.anomaly_map import anomaly_maps
 
-# memory (the models)
+# memory (the paper steps and the models)
+from tailedcore_jax.memory import CoresetRows
 from tailedcore_jax.memory import MemoryBank
 from tailedcore_jax.memory import coreset_capacity
+from tailedcore_jax.memory import coreset_rows
+from tailedcore_jax.memory import denoised_coreset
 from tailedcore_jax.memory import fit_patchcore
 from tailedcore_jax.memory import fit_softpatch
 from tailedcore_jax.memory import fit_tailedcore
-from tailedcore_jax.memory import nan_normalised_scores
+from tailedcore_jax.memory import lof_scores
+from tailedcore_jax.memory import nan_normalized_scores
 from tailedcore_jax.memory import score
+from tailedcore_jax.memory import tail_rows
 
-# sharding (multi-device)
+# sharding (mesh helpers; every kernel takes mesh=)
 from tailedcore_jax.sharding import mesh_size
-from tailedcore_jax.sharding import sharded_greedy_coreset
-from tailedcore_jax.sharding import sharded_greedy_coreset_masked
-from tailedcore_jax.sharding import sharded_nearest_neighbors
-from tailedcore_jax.sharding import sharded_patchwise_lof
 
 # ood
 from tailedcore_jax.ood import MahalanobisModel

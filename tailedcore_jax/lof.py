@@ -1,45 +1,33 @@
-"""Local outlier factor (scikit-learn equivalent) and the patch-position-wise LOF filter.
+"""Local outlier factor (scikit-learn equivalent) and the patch-position-wise LOF noise filter.
 
-JAX port of the SoftPatch / TailedCore noise filter: `LOFSampler._compute_patchwise_lof` and
-`LOFSampler.run` in jungyg/TailedCore (`src/sampler.py`), which call
-`sklearn.neighbors.LocalOutlierFactor(n_neighbors=6, metric="l2")` once per patch position and
-then keep the patches below the 85% quantile of all scores (tailedcore-spec section 4).
+SoftPatch / TailedCore drop noisy training patches by LOF: at every patch position, the ``N``
+images' features form one LOF problem (``k = 6``), and the patches whose score is not strictly
+below the 85 % quantile of all scores are dropped. Per problem, in float32:
 
-Numerics (float32, ``precision=HIGHEST``), in four stages per LOF problem:
+1. **Shortlist.** One GEMM gives ``|b|^2 - 2 a.b`` for every pair of mean-centred points (the
+   norm rides along as an extra column). Columns are cut into blocks of ``_BLOCK``; the
+   ``j``-th nearest non-self point lies in one of the ``j + 1`` blocks with the smallest minima,
+   so ``k + _MARGIN`` candidates are picked inside those blocks by row-min passes over packed
+   float keys (value in the high bits, column in the low bits): no ``lax.top_k``, which costs
+   ~7 us per row on XLA:CPU whatever ``k``.
+2. **Exact distances.** The ``k + 1`` best candidates get ``sum((a - b)**2)`` from the original
+   features, so exact duplicates get 0 (sklearn's ``lrd = 1 / (mean reach + 1e-10)`` then
+   gives 1e10, as in sklearn).
+3. **Boundary refinement.** Only the k-th / (k+1)-th boundary decides the neighbour set; rows
+   whose two boundary distances are within the float32 error bound are re-compared in
+   float-float arithmetic (two-sum, Veltkamp split; ~1e-11 relative), so the set matches a
+   float64 computation such as sklearn's.
+4. **LOF** by sklearn's reach-distance, lrd and LOF formulas, summed in a fixed pairwise
+   order so that every ``position_chunk`` (and every mesh) gives bit-identical scores.
 
-1. **Shortlist** (`_shortlist`). One GEMM gives ``|b|^2 - 2 a.b`` for every pair on mean-centred
-   data (the squared norm rides along as an extra feature column, so the GEMM output is reduced
-   directly, without an elementwise pass). Columns are cut into blocks of `_BLOCK`; the
-   ``j``-th nearest non-self point lies in one of the ``j + 1`` blocks with the smallest minima
-   (the point itself is one of them), so ``c + 1`` blocks are kept and the ``c = k + _MARGIN``
-   nearest non-self columns are picked inside them.
-2. **Exact distances** (`_neighbours`). The ``k + 1`` best shortlisted candidates by the
-   unrounded expansion get ``sum((a - b)**2)`` recomputed from the original features and are
-   re-ranked by it. Exact duplicates thus get distance exactly 0, which matters: sklearn's
-   ``lrd = 1 / (mean reach + 1e-10)`` turns a zero reach distance into 1e10, while the
-   expansion alone leaves ~1e-6 |a|^2 of rounding.
-3. **Boundary refinement** (`_refine_boundaries`). Only the k-th / (k+1)-th boundary decides
-   the neighbour set, and a float32 sum of squares cannot order two candidates closer than
-   ~1e-7 relative. Rows where those two are within the float32 error bound are re-compared in
-   float-float arithmetic (error-free two-sum and Veltkamp split, ~1e-11 relative), so the
-   neighbour set matches a float64 computation such as sklearn's. On the 800 x 784 x 128
-   benchmark data 0.2% of rows fall in the window and 2 of 627,200 change neighbour (each
-   of those moves its LOF by up to ~0.5%).
-4. **LOF** (`_lof_from_neighbours`): sklearn's reach distance, lrd and LOF formulas.
+Limit: the shortlist could drop a true neighbour only if more than ``_MARGIN`` other points
+tie with it at ~1e-6 relative of the centred norms (a tight cluster of near-duplicates larger
+than ``k + _MARGIN``). Exact duplicates are fine.
 
-Why not ``lax.top_k``: on XLA:CPU it costs about 7 us per row whatever ``k``, which made it most
-of the run time of `patchwise_lof` (800 x 784 rows per call). The selection here is a few
-row-min reductions over packed float keys (value in the high bits, column in the low bits),
-which XLA vectorises.
-
-Limits: the shortlist's rounding (~1e-6 relative of the squared norms, finer for the key
-packing) could drop a true neighbour only if more than ``_MARGIN`` other points tie with it at
-that resolution, e.g. a tight cluster of near-duplicates (distances under ~1e-3 of the
-centred norms) larger than ``k + _MARGIN``. Exact duplicates are fine: which of several
-identical points is chosen does not change any score (their distances and lrd are equal).
-
-Axis glossary: ``n`` points, ``d`` feature dim, ``N`` images, ``P`` patch positions, ``c``
-shortlist size.
+References:
+    JAX port of ``LOFSampler._compute_patchwise_lof`` / ``LOFSampler.run`` in jungyg/TailedCore
+    ``src/sampler.py`` (sklearn ``LocalOutlierFactor(n_neighbors=6, metric="l2")`` per
+    position); Breunig et al., SIGMOD 2000; Jiang et al., SoftPatch, NeurIPS 2022.
 """
 
 import functools
@@ -48,16 +36,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from tailedcore_jax._validation import (
-    check_finite,
-    check_floating,
-    check_mask,
-    check_rank,
-    concrete_count,
-    is_concrete,
-)
+from tailedcore_jax import _validation as V
+from tailedcore_jax import sharding
 
 __all__ = ["local_outlier_factor", "lof_filter_mask", "patchwise_lof"]
 
@@ -224,7 +208,7 @@ def _take_smallest(values: Float[Array, "n c"], payload: Int[Array, "n c"], m: i
     return out_v, out_p
 
 
-def _neighbours(x: Float[Array, "n d"], mask: Bool[Array, " n"], *, k: int):
+def _neighbors(x: Float[Array, "n d"], mask: Bool[Array, " n"], *, k: int):
     """Stages 1 and 2 for one problem: the k + 1 nearest valid non-self candidates of each row.
 
     Returns ``(xf, sq, idx)``: the masked features, ``(n, k + 1)`` squared distances (exact
@@ -319,7 +303,7 @@ def _refine_boundaries(xf, sq, idx, *, k: int, budget: int | None = None):
     return out_sq, out_idx
 
 
-def _lof_from_neighbours(sq, idx, mask, *, k: int):
+def _lof_from_neighbors(sq, idx, mask, *, k: int):
     """Stage 3 for one problem: sklearn's reach distance, lrd and LOF from ``(n, k)`` neighbours."""
     dtype = sq.dtype
     dist = jnp.sqrt(sq)
@@ -339,21 +323,27 @@ def _lof_batch(
     x: Float[Array, "B n d"], mask: Bool[Array, "B n"], *, k: int
 ) -> Float[Array, "B n"]:
     """LOF of ``B`` independent problems (no validation; see the public API)."""
-    xf, sq, idx = jax.vmap(functools.partial(_neighbours, k=k))(x, mask)
+    xf, sq, idx = jax.vmap(functools.partial(_neighbors, k=k))(x, mask)
     sq, idx = _refine_boundaries(xf, sq, idx, k=k)
-    return jax.vmap(functools.partial(_lof_from_neighbours, k=k))(sq, idx, mask)
+    return jax.vmap(functools.partial(_lof_from_neighbors, k=k))(sq, idx, mask)
 
 
-def _lof_one(x: Float[Array, "n d"], mask: Bool[Array, " n"], *, k: int) -> Float[Array, " n"]:
-    """LOF of every row of ``x`` among the valid rows (no validation; see the public API)."""
-    return _lof_batch(x[None], mask[None], k=k)[0]
-
-
-def _validate_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be a Python int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+def _check_problem(name, x, k, mask, *, rank):
+    """Checks shared by both public LOF functions; returns (k, mask or all-True)."""
+    V.check_rank(name, x, rank)
+    V.check_floating(name, x)
+    k = V.static_int("k", k, minimum=1)
+    n = x.shape[0]
+    what = "points" if rank == 2 else "images"
+    if n < k + 1:
+        raise ValueError(f"LOF needs at least k + 1 = {k + 1} {what}, got {n}")
+    V.check_mask("mask", mask, n)
+    count = V.concrete_count(mask, n)
+    if count is not None and count < k + 1:
+        raise ValueError(f"LOF needs at least k + 1 = {k + 1} valid {what}, got {count}")
+    mask = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask)
+    V.check_finite_rows(f"{name} (valid {'rows' if rank == 2 else 'images'})", x, mask)
+    return k, mask
 
 
 def local_outlier_factor(
@@ -362,77 +352,49 @@ def local_outlier_factor(
     k: int = 6,
     mask: Bool[Array, " n"] | None = None,
 ) -> Float[Array, " n"]:
-    """Local outlier factor of every row, equal to scikit-learn's training-set LOF.
+    """Local outlier factor of every row: ``-LocalOutlierFactor(n_neighbors=k).fit(x)
+    .negative_outlier_factor_`` of scikit-learn (Euclidean; neighbours exclude the point).
 
-    Equals ``-sklearn.neighbors.LocalOutlierFactor(n_neighbors=k).fit(x).negative_outlier_factor_``
-    (Euclidean metric; each point's neighbours exclude the point itself; ``lrd = 1 / (mean
-    reach distance + 1e-10)`` as in sklearn, so groups of more than ``k`` exact duplicates get
-    lrd 1e10 and their neighbours huge scores, exactly as sklearn does).
-
-    JAX port of `LocalOutlierFactor.fit` in scikit-learn/scikit-learn
-    (`sklearn/neighbors/_lof.py`).
-
-    Unlike sklearn, ``k`` is never silently clipped: sklearn replaces ``n_neighbors`` by
-    ``n_samples - 1`` (with a warning only when ``k > n``); here ``k + 1`` valid points are
-    required (``ValueError`` otherwise), so the caller sees the problem.
+    ``k`` is never silently clipped (sklearn uses ``n - 1`` neighbours when ``k >= n``): ``k + 1``
+    valid points are required.
 
     Args:
-        x: points, shape ``(n, d)``, floating point; computed in float32 with float-float
-            tie-breaking (float64 if given float64 with x64 enabled).
-        k: number of neighbours (``n_neighbors``); static.
-        mask: optional ``(n,)`` bool, True = valid. Padded rows are neither scored nor used as
-            neighbours (their values, even NaN, are ignored); the valid rows get exactly the
-            scores of running on the valid rows alone.
+        x: ``(n, d)`` points (float32 with float-float tie-breaking; float64 under x64).
+        k: neighbours (static).
+        mask: ``(n,)`` bool, True = valid. Padded rows (any values, even NaN) are neither
+            scored nor neighbours: the valid rows get the scores of the valid rows alone.
 
     Returns:
-        ``(n,)`` LOF scores (about 1 for inliers, larger for outliers). Padded rows get 0. If,
-        under jit, fewer than ``k + 1`` rows are valid, every valid row gets NaN.
+        ``(n,)`` LOF (about 1 for inliers). Padded rows 0; under ``jit`` with fewer than
+        ``k + 1`` valid rows, NaN.
 
     Raises:
-        ValueError: ``x`` not rank 2; ``k < 1``; ``n < k + 1``; (concrete inputs only) fewer
-            than ``k + 1`` valid rows, or NaN/inf in the valid rows.
+        ValueError: rank not 2, ``k < 1``, ``n < k + 1``; on concrete inputs, fewer than
+            ``k + 1`` valid rows or NaN/inf in them.
         TypeError: non-floating ``x``, non-int ``k``, non-bool ``mask``.
-
-    Under ``jax.jit``/``jax.vmap`` the value checks (valid count, NaN) cannot run; the
-    shape and ``k`` checks always run at trace time.
 
     Examples:
         >>> import jax.numpy as jnp
-        >>> x = jnp.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
-        >>> s = local_outlier_factor(x, k=2)
+        >>> s = local_outlier_factor(jnp.array([[0.0], [1.0], [2.0], [3.0], [10.0]]), k=2)
         >>> bool(s[4] > 2.0)
         True
 
     References:
-        Breunig et al., "LOF: Identifying Density-Based Local Outliers", SIGMOD 2000.
+        JAX port of ``LocalOutlierFactor.fit`` (scikit-learn ``sklearn/neighbors/_lof.py``).
     """
-    check_rank("x", x, 2)
-    check_floating("x", x)
-    _validate_k(k)
-    n = x.shape[0]
-    if n < k + 1:
-        raise ValueError(f"local_outlier_factor needs at least k + 1 = {k + 1} points, got {n}")
-    check_mask("mask", mask, n)
-    count = concrete_count(mask, n)
-    if count is not None and count < k + 1:
-        raise ValueError(
-            f"local_outlier_factor needs at least k + 1 = {k + 1} valid points, got {count}"
-        )
-    if mask is None:
-        mask = jnp.ones((n,), bool)
-    if is_concrete(x) and is_concrete(mask):
-        check_finite("x (valid rows)", np.asarray(x)[np.asarray(mask)])
-    return _lof_jit(jnp.asarray(x), jnp.asarray(mask), k=k)
+    k, mask = _check_problem("x", x, k, mask, rank=2)
+    return _lof_one(jnp.asarray(x), mask, k=k)
 
 
-# Eager calls run one compiled program instead of dispatching op by op.
-_lof_jit = jax.jit(_lof_one, static_argnames=("k",))
+@functools.partial(jax.jit, static_argnames=("k",))
+def _lof_one(x, mask, *, k):
+    return _lof_batch(x[None], mask[None], k=k)[0]
 
 
 def _auto_position_chunk(num_images: int, num_positions: int, dim: int, k: int) -> int:
     # Per position: the (N, N) GEMM output plus the gathered (N, k + 1, d) candidate rows and
-    # their differences. On CPU the chunk is sized to stay cache-resident (measured: 4 positions
-    # at N = 800 run ~20% faster than 47); on accelerators a larger batch keeps the device busy.
+    # their differences. On CPU a cache-sized chunk is fastest (4 positions at N = 800); on
+    # accelerators a larger batch keeps the device busy.
     width = -(-num_images // _BLOCK) * _BLOCK
     per_position = 4 * (num_images * width + 3 * num_images * (k + 1) * dim)
     budget = _CPU_CHUNK_BYTES if jax.default_backend() == "cpu" else _CHUNK_BUDGET_BYTES
@@ -445,139 +407,132 @@ def patchwise_lof(
     k: int = 6,
     mask: Bool[Array, " N"] | None = None,
     position_chunk: int | None = None,
+    mesh: Mesh | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> Float[Array, "N P"]:
     """LOF computed independently at each patch position across the images.
 
-    For each position ``p`` the ``N`` vectors ``features[:, p]`` are one LOF problem
-    (`local_outlier_factor` with the same ``k`` and image mask). Positions are processed in
-    chunks of ``position_chunk`` (vmapped inside a ``fori_loop``), so memory is bounded by
-    about ``position_chunk * 4 * (N^2 + 3 N (k + 1) d)`` bytes.
-
-    JAX port of `LOFSampler._compute_patchwise_lof` in jungyg/TailedCore (`src/sampler.py`),
-    which loops sklearn's `LocalOutlierFactor(n_neighbors=k)` over the 784 positions. The
-    official input is the flattened ``(N * P, d)`` array; use ``features.reshape(N, P, d)``
-    and ``scores.reshape(-1)`` to convert.
+    ``out[:, p] = local_outlier_factor(features[:, p], k=k, mask=mask)``. Positions run in
+    chunks of ``position_chunk`` (vmapped in a ``fori_loop``): memory about
+    ``position_chunk * 4 * (N^2 + 3 N (k + 1) d)`` bytes. The official input is the flattened
+    ``(N * P, d)`` array: use ``features.reshape(N, P, d)`` and ``scores.reshape(-1)``.
 
     Args:
-        features: ``(N, P, d)`` patch features (SoftPatch/TailedCore project them to d = 128).
-        k: LOF neighbours; static.
-        mask: optional ``(N,)`` bool image mask (True = valid image).
-        position_chunk: positions per vmapped block; static. ``None`` picks the largest chunk
-            whose estimated working set fits 48 MiB on CPU (cache-sized: 4 at N = 800,
-            d = 128; 1 at N = 2000) or 512 MiB on accelerators (47 at N = 800).
+        features: ``(N, P, d)`` patch features (SoftPatch / TailedCore: a 128-d projection).
+        k: neighbours (static).
+        mask: ``(N,)`` bool image mask, True = valid.
+        position_chunk: positions per vmapped block (static); None: the largest chunk whose
+            working set fits 48 MiB on CPU or 512 MiB on accelerators.
+        mesh: optional :class:`jax.sharding.Mesh`: positions split over its devices, each
+            running this kernel on its share (no communication); bit-identical scores.
+        axis_name: mesh axis (or axes) to split over; None = all.
 
     Returns:
-        ``(N, P)`` LOF scores; rows of padded images are 0.
+        ``(N, P)`` LOF scores; rows of padded images 0.
 
     Raises:
-        ValueError / TypeError: as `local_outlier_factor`, plus rank != 3 and
+        ValueError / TypeError: as :func:`local_outlier_factor`, plus rank != 3 and
             ``position_chunk < 1``.
-
-    References:
-        Jiang et al., "SoftPatch: Unsupervised Anomaly Detection with Noisy Data", NeurIPS 2022;
-        Jung et al., "TailedCore", CVPR 2025.
     """
-    check_rank("features", features, 3)
-    check_floating("features", features)
-    _validate_k(k)
+    axes = None if mesh is None else sharding.mesh_axes(mesh, axis_name)
+    k, mask = _check_problem("features", features, k, mask, rank=3)
     num_images, num_positions, dim = features.shape
-    if num_images < k + 1:
-        raise ValueError(f"patchwise_lof needs at least k + 1 = {k + 1} images, got {num_images}")
-    check_mask("mask", mask, num_images)
-    count = concrete_count(mask, num_images)
-    if count is not None and count < k + 1:
-        raise ValueError(f"patchwise_lof needs at least k + 1 = {k + 1} valid images, got {count}")
-    if position_chunk is None:
-        position_chunk = _auto_position_chunk(num_images, num_positions, dim, k)
-    if int(position_chunk) < 1:
-        raise ValueError(f"position_chunk must be >= 1, got {position_chunk}")
-    chunk = min(int(position_chunk), num_positions)
-    if mask is None:
-        mask = jnp.ones((num_images,), bool)
-    if is_concrete(features) and is_concrete(mask):
-        # Checked on device: copying a (2000, 784, 128) array to the host would cost more than
-        # the check.
-        finite = jnp.isfinite(jnp.where(jnp.asarray(mask)[:, None, None], features, 0.0))
-        if not bool(jnp.all(finite)):
-            raise ValueError("features (valid images) contains non-finite values (NaN or inf)")
+    if position_chunk is not None:
+        position_chunk = V.static_int("position_chunk", position_chunk, minimum=1)
+    out_dtype = jnp.promote_types(features.dtype, jnp.float32)
     if num_positions == 0:
-        return jnp.zeros((num_images, 0), jnp.promote_types(features.dtype, jnp.float32))
-    return _patchwise(jnp.asarray(features), jnp.asarray(mask), k=k, chunk=chunk)
+        return jnp.zeros((num_images, 0), out_dtype)
+    features = jnp.asarray(features)
+    if mesh is None:
+        chunk = position_chunk or _auto_position_chunk(num_images, num_positions, dim, k)
+        return _patchwise(features, mask, k=k, chunk=min(chunk, num_positions))
+    shards = sharding.mesh_size(mesh, axes)
+    per = -(-num_positions // shards)
+    chunk = min(position_chunk or _auto_position_chunk(num_images, per, dim, k), per)
+    if per * shards != num_positions:  # zero positions, dropped below
+        features = _pad_positions(features, pad=per * shards - num_positions)
+    spec = sharding.split_spec(axes)
+    features = sharding.place(features, mesh, P(None, spec, None))
+    mask = sharding.place(mask, mesh, P())
+    out = _patchwise_mesh(features, mask, mesh=mesh, axes=axes, k=k, chunk=chunk)
+    return out[:, :num_positions]
+
+
+@functools.partial(jax.jit, static_argnames=("pad",))
+def _pad_positions(features, *, pad):
+    return jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))
 def _patchwise(features, mask, *, k, chunk):
+    """The position-chunk kernel: ``(N, P, d) -> (N, P)``."""
     num_images, num_positions, _ = features.shape
 
-    def per_chunk(block, mask):  # (N, chunk, d) -> (N, chunk)
+    def per_chunk(block):  # (N, chunk, d) -> (N, chunk)
         problems = jnp.swapaxes(block, 0, 1)
         masks = jnp.broadcast_to(mask[None, :], (problems.shape[0], num_images))
         return jnp.swapaxes(_lof_batch(problems, masks, k=k), 0, 1)
 
-    num_chunks = math.ceil(num_positions / chunk)
-    out_dtype = jnp.promote_types(features.dtype, jnp.float32)
-
     def body(i, out):
-        # The last chunk is shifted left to stay in bounds; overlapping positions are simply
+        # The last chunk is shifted left to stay in bounds; overlapping positions are
         # recomputed with identical values.
         start = jnp.minimum(i * chunk, num_positions - chunk)
         block = jax.lax.dynamic_slice_in_dim(features, start, chunk, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(out, per_chunk(block, mask), start, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, per_chunk(block), start, axis=1)
 
-    out = jnp.zeros((num_images, num_positions), out_dtype)
-    return jax.lax.fori_loop(0, num_chunks, body, out)
+    out = jnp.zeros((num_images, num_positions), jnp.promote_types(features.dtype, jnp.float32))
+    return jax.lax.fori_loop(0, math.ceil(num_positions / chunk), body, out)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axes", "k", "chunk"))
+def _patchwise_mesh(features, mask, *, mesh, axes, k, chunk):
+    spec = sharding.split_spec(axes)
+    return sharding.shard_map(functools.partial(_patchwise, k=k, chunk=chunk), mesh=mesh,
+                              in_specs=(P(None, spec, None), P()), out_specs=P(None, spec),
+                              check_vma=False)(features, mask)
 
 
 def lof_filter_mask(
     scores: Float[Array, "..."],
     *,
-    keep: float = 0.85,
+    drop: float = 0.15,
     mask: Bool[Array, "..."] | None = None,
 ) -> Bool[Array, "..."]:
-    """Which patches survive the SoftPatch/TailedCore LOF cut (score strictly below a quantile).
+    """Which patches survive the LOF noise cut: ``score < quantile(valid scores, 1 - drop)``.
 
-    ``thr = torch.quantile(valid scores, keep)`` with linear interpolation (numpy's default
-    ``method="linear"``), and a patch is kept iff ``score < thr`` (strict), as in
-    `LOFSampler.run` of jungyg/TailedCore (tailedcore-spec section 4, step 3). The quantile
-    position ``keep * (count - 1)`` is computed in float32 like torch (numpy uses float64;
-    the two agree exactly while ``count - 1 < 2**24 / 8``-ish, and for any count where
-    ``keep * (count - 1)`` is exact), and the interpolation uses torch/numpy's ``lerp``.
+    The quantile is torch's/numpy's ``"linear"`` method with the position
+    ``(1 - drop) * (count - 1)`` in float32 as ``torch.quantile`` computes it, and the
+    comparison is strict, as in ``LOFSampler.run`` of jungyg/TailedCore.
 
     Args:
-        scores: LOF scores of any shape (e.g. ``(N, P)`` from `patchwise_lof`).
-        keep: quantile in ``(0, 1]``; static.
-        mask: optional bool array of the same shape (True = valid); masked entries are left out
-            of the quantile and are never kept.
+        scores: LOF scores of any shape (e.g. ``(N, P)`` from :func:`patchwise_lof`).
+        drop: fraction of the patches dropped as noise, in ``[0, 1)`` (static; official 0.15).
+        mask: bool array shaped like ``scores`` (True = valid); masked entries are left out of
+            the quantile and never kept.
 
     Returns:
         Bool array shaped like ``scores``.
 
     Raises:
-        ValueError: ``keep`` outside ``(0, 1]``; ``mask`` shape differs; (concrete only) no
-            valid entry, NaN in valid scores. Under jit with no valid entry, nothing is kept.
-        TypeError: non-floating scores or non-bool mask.
+        ValueError: ``drop`` outside ``[0, 1)``, a mask of another shape, empty scores; on
+            concrete inputs, no valid entry or NaN among them (under jit: nothing kept).
+        TypeError: non-floating scores, non-bool mask.
     """
-    check_floating("scores", scores)
-    keep = float(keep)
-    if not (0.0 < keep <= 1.0):
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    V.check_floating("scores", scores)
+    keep = 1.0 - V.unit_fraction("drop", drop, closed_low=True, closed_high=False)
     shape = jnp.shape(scores)
     if mask is not None:
         if jnp.shape(mask) != shape:
             raise ValueError(f"mask must have the shape of scores {shape}, got {jnp.shape(mask)}")
         if jnp.result_type(mask) != jnp.bool_:
             raise TypeError(f"mask must be boolean, got dtype {jnp.result_type(mask)}")
-    size = math.prod(shape)
-    if size == 0:
+    if math.prod(shape) == 0:
         raise ValueError("lof_filter_mask got an empty scores array")
-    if mask is None:
-        mask = jnp.ones(shape, bool)
-    if is_concrete(mask):
-        if not np.any(np.asarray(mask)):
-            raise ValueError("lof_filter_mask: mask has no valid entry")
-        if is_concrete(scores):
-            check_finite("scores (valid entries)", np.asarray(scores)[np.asarray(mask)])
-    return _filter(jnp.asarray(scores), jnp.asarray(mask), keep=keep)
+    mask = jnp.ones(shape, bool) if mask is None else jnp.asarray(mask)
+    if V.concrete_count(mask.reshape(-1), mask.size) == 0:
+        raise ValueError("lof_filter_mask: mask has no valid entry")
+    V.check_finite_rows("scores (valid entries)", scores, mask)
+    return _filter(jnp.asarray(scores), mask, keep=keep)
 
 
 @functools.partial(jax.jit, static_argnames=("keep",))
@@ -586,14 +541,13 @@ def _filter(scores, mask, *, keep):
     flat = jnp.where(mask, scores.astype(dtype), jnp.inf).reshape(-1)
     ordered = jnp.sort(flat)  # valid values first, masked (+inf) last
     count = jnp.sum(mask)
-    # torch: ranks = q * (n - 1) in the input dtype; below = floor, above = ceil.
+    # torch: rank = q * (n - 1) in the input dtype; below = floor, above = ceil.
     rank = jnp.asarray(keep, dtype) * (count - 1).astype(dtype)
     below = jnp.floor(rank)
     weight = rank - below
     i_below = jnp.clip(below.astype(jnp.int32), 0, flat.shape[0] - 1)
     i_above = jnp.clip(jnp.ceil(rank).astype(jnp.int32), 0, flat.shape[0] - 1)
-    a = ordered[i_below]
-    b = ordered[i_above]
+    a, b = ordered[i_below], ordered[i_above]
     diff = b - a
     # torch.lerp / numpy _lerp: exact at both ends.
     thr = jnp.where(weight >= 0.5, b - diff * (1.0 - weight), a + diff * weight)

@@ -422,12 +422,12 @@ def run(cfg: TailedCoreConfig, out: str | Path, *, log=print, with_pixels: bool 
                 return memory.fit_patchcore(k, patches, ratio=cfg.ratio)
             if method == "softpatch":
                 return memory.fit_softpatch(k, patches, ratio=cfg.ratio, lof_k=cfg.lof_k,
-                                            drop=cfg.drop)
+                                            lof_drop=cfg.drop)
             aug = None
             if cfg.augmentation != "none" and tail.any():
                 aug = _tail_augmented_features(cfg, split, extractor, np.nonzero(tail)[0])
             return memory.fit_tailedcore(k, patches, emb, ratio=cfg.ratio, lof_k=cfg.lof_k,
-                                         drop=cfg.drop, tail_mask=tail,
+                                         lof_drop=cfg.drop, tail_mask=tail,
                                          augmented_tail_features=aug)
 
         path = cache / f"bank_{bank_key}"
@@ -481,7 +481,7 @@ def run(cfg: TailedCoreConfig, out: str | Path, *, log=print, with_pixels: bool 
                                       "memory_rows": int(np.asarray(banks[method].mask).sum())}
         if cfg.nan_normalise:
             nan = np.asarray(negative_aware_norm(jnp.asarray(test["embedding"])))
-            divided = memory.nan_normalised_scores(img_scores, nan)
+            divided = memory.nan_normalized_scores(img_scores, nan)
             per_class_nan = {}
             for c, name in enumerate(split.class_names):
                 sel = split.test_class == c

@@ -100,9 +100,9 @@ def test_refine_compacted_and_fallback_branches_agree(rng, budget):
 
     @jax.jit
     def run(x, m):
-        xf, sq, idx = jax.vmap(functools.partial(lof_module._neighbours, k=k))(x, m)
+        xf, sq, idx = jax.vmap(functools.partial(lof_module._neighbors, k=k))(x, m)
         sq, idx = lof_module._refine_boundaries(xf, sq, idx, k=k, budget=budget)
-        return jax.vmap(functools.partial(lof_module._lof_from_neighbours, k=k))(sq, idx, m)
+        return jax.vmap(functools.partial(lof_module._lof_from_neighbors, k=k))(sq, idx, m)
 
     got = np.asarray(run(xs, masks))
     for i, x in enumerate(xs):
@@ -253,12 +253,12 @@ def test_patchwise_mask_jit_vmap_no_retrace(rng):
         np.testing.assert_allclose(batched[i, :c], patchwise_lof_numpy(feats[i, :c], k), rtol=RTOL)
 
 
-@pytest.mark.parametrize("keep", [0.85, 0.5, 0.123, 1.0])
-def test_filter_mask_matches_numpy_quantile(rng, keep):
+@pytest.mark.parametrize("drop", [0.15, 0.5, 0.877, 0.0])
+def test_filter_mask_matches_numpy_quantile(rng, drop):
     scores = rng.gamma(2.0, size=(37, 11)).astype(np.float32)
     scores[0, :5] = scores[1, 0]  # ties
-    got = np.asarray(jax.jit(functools.partial(lof_filter_mask, keep=keep))(scores))
-    want = lof_filter_mask_numpy(scores, keep)
+    got = np.asarray(jax.jit(functools.partial(lof_filter_mask, drop=drop))(scores))
+    want = lof_filter_mask_numpy(scores, 1.0 - drop)
     np.testing.assert_array_equal(got, want)
     assert got.shape == scores.shape
 
@@ -267,7 +267,7 @@ def test_filter_mask_with_mask_equals_valid_only(rng):
     scores = rng.gamma(2.0, size=(30, 8)).astype(np.float32)
     mask = rng.uniform(size=scores.shape) < 0.7
     padded = np.where(mask, scores, np.float32(-5.0))  # would change the quantile if used
-    got = np.asarray(lof_filter_mask(padded, keep=0.85, mask=jnp.asarray(mask)))
+    got = np.asarray(lof_filter_mask(padded, drop=0.15, mask=jnp.asarray(mask)))
     np.testing.assert_array_equal(got, lof_filter_mask_numpy(scores, 0.85, mask))
     assert not np.any(got[~mask])
 
@@ -279,14 +279,14 @@ def test_filter_mask_no_retrace_and_batching(rng):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def f(s, m):
-        return lof_filter_mask(s, keep=0.85, mask=m)
+        return lof_filter_mask(s, drop=0.15, mask=m)
 
     for s, m in zip(scores, masks):
         np.testing.assert_array_equal(
             np.asarray(f(s, jnp.asarray(m))), lof_filter_mask_numpy(s, 0.85, m)
         )
     batched = np.asarray(
-        jax.vmap(functools.partial(lof_filter_mask, keep=0.85))(scores, mask=jnp.asarray(masks))
+        jax.vmap(functools.partial(lof_filter_mask, drop=0.15))(scores, mask=jnp.asarray(masks))
     )
     for i in range(3):
         np.testing.assert_array_equal(batched[i], lof_filter_mask_numpy(scores[i], 0.85, masks[i]))
@@ -300,7 +300,7 @@ def test_filter_mask_matches_torch_quantile_large():
     t = torch.from_numpy(scores.reshape(-1))
     thr = torch.quantile(t, 0.85).item()
     want = scores < np.float32(thr)
-    got = np.asarray(lof_filter_mask(scores, keep=0.85))
+    got = np.asarray(lof_filter_mask(scores, drop=0.15))
     np.testing.assert_array_equal(got, want)
     assert abs(got.mean() - 0.85) < 1e-3
 
@@ -334,9 +334,9 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="images"):
         patchwise_lof(x[:4, None], k=6)
     s = np.abs(x)
-    for keep in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="keep"):
-            lof_filter_mask(s, keep=keep)
+    for drop in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="drop"):
+            lof_filter_mask(s, drop=drop)
     with pytest.raises(ValueError, match="no valid"):
         lof_filter_mask(s, mask=jnp.zeros(s.shape, bool))
     with pytest.raises(ValueError, match="shape"):

@@ -177,7 +177,7 @@ def test_bad_input(rng, key):
     with pytest.raises(ValueError, match="ratio"):
         memory.fit_patchcore(key, f, ratio=0.0)
     with pytest.raises(ValueError, match="drop"):
-        memory.fit_softpatch(key, f, drop=1.5)
+        memory.fit_softpatch(key, f, lof_drop=1.5)
     bad = f.copy()
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
@@ -214,16 +214,16 @@ def test_tail_versus_noise_trade_off():
     assert r["tailsampler"]["missed_tail_pct"] <= 10.0  # at most one of the 10 tail images
 
 
-def test_nan_normalised_scores(rng):
+def test_nan_normalized_scores(rng):
     s = rng.uniform(1, 5, size=6).astype(np.float32)
     a = np.maximum(rng.normal(size=(6, 10)), 0).astype(np.float32)
     a[2] = 0.0
     from tailedcore_jax.ood import negative_aware_norm
 
     nan = np.asarray(negative_aware_norm(a))
-    got = np.asarray(jax.jit(memory.nan_normalised_scores)(s, nan))
+    got = np.asarray(jax.jit(memory.nan_normalized_scores)(s, nan))
     l1, cnt = a.sum(1), (a > 0).sum(1)
     want = np.where(cnt > 0, s / np.where(cnt > 0, l1 / np.maximum(cnt, 1), 1), np.finfo(np.float32).max)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     with pytest.raises(ValueError, match="must both be"):
-        memory.nan_normalised_scores(s, nan[:3])
+        memory.nan_normalized_scores(s, nan[:3])

@@ -1,4 +1,4 @@
-"""Sharded kNN / greedy coreset / patch-wise LOF (tailedcore_jax.sharding) and mesh= in memory.
+"""kNN / greedy coreset / patch-wise LOF / memory fits with ``mesh=``, against one device.
 
 The main pytest process has already initialised JAX with one CPU device, so the tests that
 need a mesh are skipped there, and ``test_spawn_8_host_devices`` reruns this file in a
@@ -24,7 +24,6 @@ import pytest
 from jax.sharding import Mesh
 
 from tailedcore_jax import coreset, knn, lof, memory
-from tailedcore_jax import sharding as S
 from tests.reference import coreset as ref_coreset
 from tests.reference import knn as ref_knn
 from tests.reference import lof as ref_lof
@@ -69,19 +68,19 @@ def mesh2d():
 def test_bad_mesh_arguments():
     x = np.zeros((4, 2), np.float32)
     with pytest.raises(TypeError, match="Mesh"):
-        S.sharded_nearest_neighbors(x, x, mesh="cpu")
+        knn.nearest_neighbors(x, x, mesh="cpu")
     mesh1 = Mesh(np.array(jax.devices()[:1]), ("x",))
     with pytest.raises(ValueError, match="not an axis"):
-        S.sharded_nearest_neighbors(x, x, mesh=mesh1, axis_name="y")
+        knn.nearest_neighbors(x, x, mesh=mesh1, axis_name="y")
     with pytest.raises(ValueError, match="k=5"):
-        S.sharded_nearest_neighbors(x, x, k=5, mesh=mesh1)
+        knn.nearest_neighbors(x, x, k=5, mesh=mesh1)
     with pytest.raises(ValueError, match="non-finite"):
-        S.sharded_greedy_coreset(jax.random.key(0), np.full((4, 2), np.nan, np.float32), 2,
+        coreset.greedy_coreset(jax.random.key(0), np.full((4, 2), np.nan, np.float32), 2,
                                  mesh=mesh1)
     with pytest.raises(ValueError, match="no rows"):
-        S.sharded_greedy_coreset_masked(jax.random.key(0), x, 2, mesh=mesh1, mask=np.zeros(4, bool))
+        coreset.greedy_coreset_masked(jax.random.key(0), x, 2, mesh=mesh1, mask=np.zeros(4, bool))
     with pytest.raises(ValueError, match="k \\+ 1"):
-        S.sharded_patchwise_lof(np.zeros((3, 2, 2), np.float32), mesh=mesh1)
+        lof.patchwise_lof(np.zeros((3, 2, 2), np.float32), mesh=mesh1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,7 +95,7 @@ def test_knn_equals_single_device_uneven_masked(mesh, rng, k):
     b = rng.normal(size=(203, 16)).astype(np.float32)  # 203 = 8 * 26 - 5: uneven shards
     m = rng.random(203) > 0.3
     single = knn.nearest_neighbors(q, b, k=k, bank_mask=m, bank_chunk=16, query_chunk=16)
-    sharded = S.sharded_nearest_neighbors(q, b, k=k, mesh=mesh, bank_mask=m, bank_chunk=16,
+    sharded = knn.nearest_neighbors(q, b, k=k, mesh=mesh, bank_mask=m, bank_chunk=16,
                                           query_chunk=16)
     np.testing.assert_array_equal(sharded.indices, single.indices)
     np.testing.assert_array_equal(sharded.sq_distances, single.sq_distances)
@@ -112,7 +111,7 @@ def test_knn_ties_across_shards_and_k_larger_than_shard(mesh2d, rng):
     q = rng.integers(0, 3, size=(9, 3)).astype(np.float32)
     single = knn.nearest_neighbors(q, b, k=5)
     for axis_name in (None, "b"):
-        sharded = S.sharded_nearest_neighbors(q, b, k=5, mesh=mesh2d, axis_name=axis_name)
+        sharded = knn.nearest_neighbors(q, b, k=5, mesh=mesh2d, axis_name=axis_name)
         np.testing.assert_array_equal(sharded.indices, single.indices)
         np.testing.assert_array_equal(sharded.sq_distances, single.sq_distances)
     _, want_i, _ = ref_knn.knn(q, b, 5)
@@ -129,7 +128,7 @@ def test_knn_under_jit_no_retrace_and_missing_slots(mesh, rng):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def run(queries, bank, mask, bank_sq_norms):
-        return S.sharded_nearest_neighbors(queries, bank, k=3, mesh=mesh, bank_mask=mask,
+        return knn.nearest_neighbors(queries, bank, k=3, mesh=mesh, bank_mask=mask,
                                            bank_chunk=8, bank_sq_norms=bank_sq_norms)
 
     single = jax.jit(lambda qq, bb, mm: knn.nearest_neighbors(qq, bb, k=3, bank_mask=mm,
@@ -141,7 +140,7 @@ def test_knn_under_jit_no_retrace_and_missing_slots(mesh, rng):
         np.testing.assert_array_equal(got.sq_distances, want.sq_distances)
         # Norms computed inside the outer jit: XLA may partition that reduction over the
         # devices (last-bit differences, documented); indices still agree here.
-        got = jax.jit(lambda qq, bb, mm: S.sharded_nearest_neighbors(
+        got = jax.jit(lambda qq, bb, mm: knn.nearest_neighbors(
             qq, bb, k=3, mesh=mesh, bank_mask=mm, bank_chunk=8))(q, b, mask)
         np.testing.assert_array_equal(got.indices, want.indices)
         np.testing.assert_allclose(got.sq_distances, want.sq_distances, rtol=1e-6)
@@ -161,7 +160,7 @@ def test_coreset_equals_single_device(mesh, rng, key, variant):
     kw = {"distance": "difference"} if variant == "difference" else (
         {"storage_dtype": jnp.bfloat16} if variant == "bfloat16" else {})
     single = coreset.greedy_coreset(key, f, 60, mask=m, projection_dim=8, **kw)
-    sharded = S.sharded_greedy_coreset(key, f, 60, mask=m, projection_dim=8, mesh=mesh, **kw)
+    sharded = coreset.greedy_coreset(key, f, 60, mask=m, projection_dim=8, mesh=mesh, **kw)
     np.testing.assert_array_equal(sharded, single)
     if variant == "default":
         w = coreset.random_projection(jax.random.split(key)[0], 40, 8)
@@ -180,7 +179,7 @@ def test_coreset_first_index_ties_across_shards(mesh):
     for start in (0, 17, 42):
         single = coreset.greedy_coreset(jax.random.key(0), f, 5, projection_dim=None,
                                         start_index=start)
-        sharded = S.sharded_greedy_coreset(jax.random.key(0), f, 5, projection_dim=None,
+        sharded = coreset.greedy_coreset(jax.random.key(0), f, 5, projection_dim=None,
                                            start_index=start, mesh=mesh)
         want = ref_coreset.greedy_coreset(f, 5, start)
         np.testing.assert_array_equal(sharded, want)
@@ -193,7 +192,7 @@ def test_coreset_masked_ratio_num_valid_and_jit(mesh2d, rng, key):
     m = rng.random(301) > 0.4
     cap = 40
     single = coreset.greedy_coreset_masked(key, f, cap, mask=m, ratio=0.1, projection_dim=4)
-    sharded = S.sharded_greedy_coreset_masked(key, f, cap, mask=m, ratio=0.1, projection_dim=4,
+    sharded = coreset.greedy_coreset_masked(key, f, cap, mask=m, ratio=0.1, projection_dim=4,
                                               mesh=mesh2d)
     np.testing.assert_array_equal(sharded.indices, single.indices)
     np.testing.assert_array_equal(sharded.valid, single.valid)
@@ -202,7 +201,7 @@ def test_coreset_masked_ratio_num_valid_and_jit(mesh2d, rng, key):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def run(feats, mask, nv):
-        return S.sharded_greedy_coreset_masked(key, feats, cap, mask=mask, num_valid=nv,
+        return coreset.greedy_coreset_masked(key, feats, cap, mask=mask, num_valid=nv,
                                                projection_dim=4, mesh=mesh2d, axis_name="b")
 
     for nv, mask in ((7, m), (25, ~m)):
@@ -219,7 +218,7 @@ def test_coreset_two_level_argmax_shards(mesh, rng, key):
     # > 4 * 1024 rows per shard: the local argmax takes its two-level path.
     f = rng.normal(size=(8 * 4096 + 77, 4)).astype(np.float32)
     single = coreset.greedy_coreset(key, f, 25, projection_dim=None)
-    sharded = S.sharded_greedy_coreset(key, f, 25, projection_dim=None, mesh=mesh)
+    sharded = coreset.greedy_coreset(key, f, 25, projection_dim=None, mesh=mesh)
     np.testing.assert_array_equal(sharded, single)
 
 
@@ -233,14 +232,14 @@ def test_patchwise_lof_equals_single_device(mesh, rng):
     x = rng.normal(size=(20, 13, 8)).astype(np.float32)  # 13 positions over 8 devices
     im = np.arange(20) != 3
     single = lof.patchwise_lof(x, mask=im, position_chunk=2)
-    sharded = S.sharded_patchwise_lof(x, mask=im, mesh=mesh, position_chunk=2)
+    sharded = lof.patchwise_lof(x, mask=im, mesh=mesh, position_chunk=2)
     np.testing.assert_array_equal(sharded, single)
-    np.testing.assert_array_equal(S.sharded_patchwise_lof(x, mask=im, mesh=mesh),
+    np.testing.assert_array_equal(lof.patchwise_lof(x, mask=im, mesh=mesh),
                                   lof.patchwise_lof(x, mask=im))
     want = ref_lof.patchwise_lof_numpy(x[im], 6)
     np.testing.assert_allclose(np.asarray(sharded)[im], want, rtol=1e-4)
     assert np.all(np.asarray(sharded)[3] == 0)
-    jitted = jax.jit(lambda a, b: S.sharded_patchwise_lof(a, mask=b, mesh=mesh))(x, im)
+    jitted = jax.jit(lambda a, b: lof.patchwise_lof(a, mask=b, mesh=mesh))(x, im)
     np.testing.assert_array_equal(jitted, lof.patchwise_lof(x, mask=im))
 
 
@@ -283,7 +282,7 @@ def test_memory_fit_and_score_with_mesh_equal_without(mesh, rng, key):
         np.testing.assert_array_max_ulp(s_img, p_img, maxulp=2)
         np.testing.assert_array_max_ulp(s_patch, p_patch, maxulp=2)
         norms = jnp.sum(sharded.features * sharded.features, axis=1)
-        s_nn = S.sharded_nearest_neighbors(q.reshape(-1, 8), sharded.features, mesh=mesh,
+        s_nn = knn.nearest_neighbors(q.reshape(-1, 8), sharded.features, mesh=mesh,
                                            bank_mask=sharded.mask, bank_sq_norms=norms)
         p_nn = knn.nearest_neighbors(q.reshape(-1, 8), plain.features, bank_mask=plain.mask,
                                      bank_sq_norms=norms)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tailedcore_jax import class_size as C
+from tailedcore_jax import tailsampler as C
 from tailedcore_jax import tailsampler as T
 from tests.reference import tailsampler as R
 
