@@ -44,7 +44,7 @@ def _blob_mask(w, h, cx, cy, r):
 
 def _write_mvtec(root, rng):
     """bottle: PNG 300x280 (W x H); zipper: JPEG 280x301 and a grey image."""
-    spec = {
+    layout = {
         "bottle": {
             "size": (300, 280),
             "ext": ".png",
@@ -52,7 +52,7 @@ def _write_mvtec(root, rng):
         },
         "zipper": {"size": (281, 301), "ext": ".jpg", "defects": {"rough": 2}},
     }
-    for cls, s in spec.items():
+    for cls, s in layout.items():
         w, h = s["size"]
         for split, folder, n in (("train", "good", 3), ("test", "good", 2)):
             d = root / cls / split / folder

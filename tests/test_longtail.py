@@ -99,8 +99,8 @@ def test_pareto_pmf_matches_scipy_definition():
     assert np.all(np.diff(pareto_pmf(15)) < 0)
 
 
-def test_pareto_counts_for_a_given_class_order_spec_example():
-    # spec 7.1, MVTec Pareto seed01: kept normal images per class
+def test_pareto_counts_for_a_given_class_order_released_example():
+    # the released MVTec Pareto seed01 manifest: kept normal images per class
     order = [
         "grid",
         "carpet",
@@ -343,13 +343,13 @@ def _small_dataset():
 
 
 def _fake_small(with_files):
-    """alpha: 6 train, test good 2, broken 2, broken_small 1; beta: 4 train, test good 1, crack 2."""
-    spec = {
+    """alpha: 6 train, test good 2 / broken 2 / broken_small 1; beta: 4 train, good 1, crack 2."""
+    layout = {
         "alpha": (6, {"good": 2, "broken": 2, "broken_small": 1}),
         "beta": (4, {"good": 1, "crack": 2}),
     }
     train, test = [], []
-    for c, (n_train, tests) in spec.items():
+    for c, (n_train, tests) in layout.items():
         for i in range(n_train):
             k = f"{c}/train/good/{i:03d}.png"
             train.append(ImageRecord(f"/d/{k}", c, 0, "good", None, "train", k))
@@ -478,8 +478,9 @@ def test_manifest_errors(tmp_path):
 # Manifests: the released ones (skipped when ../shared is absent)
 # --------------------------------------------------------------------------------------------
 
-# spec 7.1: N_train per seed (seeds 01-05)
-SPEC_N_TRAIN = {
+# N_train (kept normal + injected images) of every released manifest, seeds 01-05, recorded
+# independently of the manifest files
+RELEASED_N_TRAIN = {
     ("mvtecad-nlt", "step_k1"): (1885, 1639, 1443, 1492, 1862),
     ("mvtecad-nlt", "step_k4"): (1624, 1526, 1666, 1912, 1797),
     ("mvtecad-nlt", "pareto"): (811, 659, 648, 979, 860),
@@ -490,7 +491,7 @@ SPEC_N_TRAIN = {
 
 
 @pytest.mark.skipif(SHARED is None, reason="shared manifests not present")
-@pytest.mark.parametrize("dataset,setting", sorted(SPEC_N_TRAIN))
+@pytest.mark.parametrize("dataset,setting", sorted(RELEASED_N_TRAIN))
 def test_released_manifests(dataset, setting):
     sizes = MVTEC_TRAIN_SIZES if dataset == "mvtecad-nlt" else VISA_TRAIN_SIZES
     ratio = 0.1 if dataset == "mvtecad-nlt" else 0.05
@@ -499,9 +500,8 @@ def test_released_manifests(dataset, setting):
         m = read_manifest(SHARED, dataset, setting, seed)
         assert (m.dataset, m.setting, m.seed) == (dataset, setting, seed)
         kept, noise = manifest_class_counts(m, sizes)
-        assert (
-            sum(kept.values()) + sum(noise.values()) == SPEC_N_TRAIN[(dataset, setting)][seed - 1]
-        )
+        n_train = sum(kept.values()) + sum(noise.values())
+        assert n_train == RELEASED_N_TRAIN[(dataset, setting)][seed - 1]
         if setting.startswith("step"):
             k = int(setting[-1])
             tail = [c for c in sizes if kept[c] < sizes[c]]

@@ -12,7 +12,7 @@ Two ways to get a split:
   :func:`read_manifest` + :func:`apply_manifest` (= ``make_mvtecad_nlt.py`` without copying).
   :func:`nlt_train_records` reads a folder that was already built that way.
 * **New splits from a seed** with the generator logic of
-  ``roomo7time/tailedcore:make_tailed_noisy_mvtec.py`` (spec section 7.1):
+  ``roomo7time/tailedcore:make_tailed_noisy_mvtec.py``:
   :func:`build_step_split` (round(0.6 C) tail classes keep K images; each head class gets
   ``min(#test anomalies, round(noise_ratio * #train))`` defects), :func:`build_pareto_split`
   (discrete Pareto alpha = 6, min 5, the largest-pmf class keeps all its images, a random
@@ -31,6 +31,11 @@ noisy class in sorted order, the injected defect images.
 The ground-truth class of every training image (``TrainRecord.class_name``) and its noise
 flag are kept for evaluating TailSampler and the noise filter; they are never model inputs.
 
+Errors: problems with manifests and folders raise
+:class:`~tailedcore_jax.data.mvtec.DatasetError` (missing files and folders its subclass
+``DatasetFileNotFoundError``, also a ``FileNotFoundError``); a message about a manifest line
+starts with ``<manifest file>:<line number>:``.
+
 References:
     Jung et al., "TailedCore: Few-Shot Sampling for Unsupervised Long-Tail Noisy Anomaly
     Detection", CVPR 2025. Official code: jungyg/TailedCore (``make_mvtecad_nlt.py``,
@@ -48,7 +53,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tailedcore_jax.data.mvtec import DatasetError, ImageRecord, list_classes
+from tailedcore_jax.data.mvtec import (
+    DatasetError,
+    DatasetFileNotFoundError,
+    ImageRecord,
+    find_mask,
+    require_images,
+    list_classes,
+)
 
 __all__ = [
     "MANIFEST_DATASETS",
@@ -96,8 +108,8 @@ MVTEC_TRAIN_SIZES: dict[str, int] = {
     "wood": 247,
     "zipper": 240,
 }
-#: Pristine ``train/good`` sizes of VisA with ``split_csv/1cls.csv`` (these reproduce every
-#: N_train of spec section 7.1 from the released manifests).
+#: Pristine ``train/good`` sizes of VisA with ``split_csv/1cls.csv`` (with them, the released
+#: VisA manifests give the training-set sizes checked in ``tests/test_longtail.py``).
 VISA_TRAIN_SIZES: dict[str, int] = {
     "candle": 900,
     "capsules": 542,
@@ -148,7 +160,7 @@ class LongTailSplit(NamedTuple):
         noise_counts: injected defects per class (classes without noise absent).
         tail_classes / head_classes: sorted class names. Step: tail = classes cut to K.
             Pareto: tail = classes with fewer than ``head_min`` (20) kept images, i.e. the
-            classes that receive no noise (the dev analysis code used "<= 20").
+            classes that receive no noise.
         setting: ``"step_k1"``, ``"step_k4"``, ``"pareto"`` or ``"custom"``.
         seed: the seed it was built from (None for manifests without one).
     """
@@ -170,6 +182,9 @@ class Manifest(NamedTuple):
         inject: ``"<class>/train/good/<defect>_<file>"`` entries, each a copy of
             ``<class>/test/<defect>/<file>``.
         dataset / setting / seed: from the directory name when known, else None.
+        prune_lines / inject_lines: the line number of every entry in its file (empty when
+            the manifest was not read from files); used in error messages.
+        directory: the directory the files were read from, else None.
     """
 
     prune: tuple
@@ -177,6 +192,9 @@ class Manifest(NamedTuple):
     dataset: str | None = None
     setting: str | None = None
     seed: int | None = None
+    prune_lines: tuple = ()
+    inject_lines: tuple = ()
+    directory: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,7 +623,7 @@ def longtail_split(
     noise_ratio: float = 0.1,
     **kwargs,
 ) -> LongTailSplit:
-    """Dispatch on ``setting``: ``"step_k1"``, ``"step_k4"`` (any ``"step_k<K>"``) or ``"pareto"``."""
+    """Dispatch on ``setting``: ``"step_k<K>"`` (K = 1, 4 in the paper) or ``"pareto"``."""
     if setting == "pareto":
         return build_pareto_split(
             train_records, test_records, seed=seed, noise_ratio=noise_ratio, **kwargs
@@ -626,6 +644,8 @@ def longtail_split(
 # Official manifests
 # --------------------------------------------------------------------------------------------
 
+_MANIFEST_FILES = {"prune": "prune_good.txt", "inject": "inject_defects.txt"}
+
 
 def manifest_dir(root: str | os.PathLike, dataset: str, setting: str, seed: int) -> Path:
     """``<root>/<dataset>/<setting>/seedNN`` (e.g. ``mvtecad-nlt/step_k4/seed03``)."""
@@ -637,15 +657,14 @@ def manifest_dir(root: str | os.PathLike, dataset: str, setting: str, seed: int)
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, stripped text)`` of the non-empty lines (a UTF-8 BOM is ignored)."""
     if not path.is_file():
-        raise FileNotFoundError(f"manifest file not found: {path}")
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, start=1):
-            s = line.strip()
-            if s:
-                out.append((i, s))
-    return out
+        raise DatasetFileNotFoundError(f"manifest file not found: {path}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [(i, s) for i, line in enumerate(f, start=1) if (s := line.strip())]
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"cannot read manifest file {path}: {e}") from e
 
 
 def _check_entry(path: Path, line_no: int, entry: str) -> str:
@@ -657,21 +676,35 @@ def _check_entry(path: Path, line_no: int, entry: str) -> str:
     return entry
 
 
+def _read_manifest_file(path: Path) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Entries of one manifest file and their line numbers; malformed and repeated lines raise."""
+    entries, lines, first = [], [], {}
+    for i, e in _read_lines(path):
+        _check_entry(path, i, e)
+        if e in first:
+            raise DatasetError(f"{path}:{i}: duplicate entry {e!r} (first on line {first[e]})")
+        first[e] = i
+        entries.append(e)
+        lines.append(i)
+    return tuple(entries), tuple(lines)
+
+
 def read_manifest(
     path: str | os.PathLike,
     dataset: str | None = None,
     setting: str | None = None,
     seed: int | None = None,
 ) -> Manifest:
-    """Read ``prune_good.txt`` and ``inject_defects.txt``.
+    """Read ``prune_good.txt`` and ``inject_defects.txt`` (with the line of every entry).
 
     ``path`` is either the seed directory itself, or the manifest root when ``dataset``,
     ``setting`` and ``seed`` are given (then :func:`manifest_dir` is used). When ``path``
-    ends in ``<dataset>/<setting>/seedNN`` those fields are filled from it.
+    ends in ``<dataset>/<setting>/seedNN`` those fields are filled from it. Each line must
+    be ``<class>/train/good/<file>``; blank lines are ignored.
 
     Raises:
-        FileNotFoundError: a missing directory or file.
-        DatasetError: a malformed line (names file and line) or a duplicate entry.
+        DatasetFileNotFoundError: a missing directory or file.
+        DatasetError: a malformed or repeated line (names the file and the line).
     """
     if dataset is not None or setting is not None or seed is not None:
         if dataset is None or setting is None or seed is None:
@@ -685,16 +718,10 @@ def read_manifest(
             setting = parts[-2]
             dataset = parts[-3]
     if not d.is_dir():
-        raise FileNotFoundError(f"manifest directory not found: {d}")
-    lists = []
-    for fname in ("prune_good.txt", "inject_defects.txt"):
-        p = d / fname
-        entries = [_check_entry(p, i, e) for i, e in _read_lines(p)]
-        dup = [e for e, n in Counter(entries).items() if n > 1]
-        if dup:
-            raise DatasetError(f"{p}: duplicate entries, e.g. {dup[:3]}")
-        lists.append(tuple(entries))
-    return Manifest(lists[0], lists[1], dataset, setting, seed)
+        raise DatasetFileNotFoundError(f"manifest directory not found: {d}")
+    prune, prune_lines = _read_manifest_file(d / _MANIFEST_FILES["prune"])
+    inject, inject_lines = _read_manifest_file(d / _MANIFEST_FILES["inject"])
+    return Manifest(prune, inject, dataset, setting, seed, prune_lines, inject_lines, str(d))
 
 
 def manifest_class_counts(
@@ -706,7 +733,7 @@ def manifest_class_counts(
         pristine_sizes: pristine training sizes, e.g. :data:`MVTEC_TRAIN_SIZES`.
 
     Returns:
-        ``(kept sizes, noise counts)``; ``sum(kept) + sum(noise)`` is the N_train of spec 7.1.
+        ``(kept sizes, noise counts)``; ``sum(kept) + sum(noise)`` is the training-set size.
 
     Raises:
         ValueError: a manifest class missing from ``pristine_sizes`` or pruned below zero.
@@ -733,6 +760,97 @@ def _resolve_defect(name: str, defect_types: Sequence[str]) -> str | None:
     return None
 
 
+def _entry_location(manifest: Manifest, which: str, i: int) -> str:
+    """``"<manifest file>:<line>"`` of entry ``i`` of ``manifest.<which>`` (or its number)."""
+    lines = manifest.prune_lines if which == "prune" else manifest.inject_lines
+    if manifest.directory is None or i >= len(lines):
+        return f"manifest {which} entry #{i + 1}"
+    return f"{Path(manifest.directory) / _MANIFEST_FILES[which]}:{lines[i]}"
+
+
+def _dataset_root(records: Sequence) -> str | None:
+    """The dataset root the records' paths start with (``path`` = root + ``key``), if any."""
+    for r in records:
+        path, key = Path(r.path).as_posix(), getattr(r, "key", None)
+        if key and path.endswith(key):
+            return path[: len(path) - len(key)]
+    return None
+
+
+def _missing(root: str | None, key: str) -> tuple[str, bool]:
+    """``(path of key under root, whether that file is absent)``."""
+    if root is None:
+        return key, True
+    path = root + key
+    return path, not os.path.exists(path)
+
+
+class _Reporter:
+    """Raise (``on_error="raise"``) or log-and-skip (``"skip"``) one manifest problem."""
+
+    def __init__(self, on_error: str):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+
+    def __call__(self, message: str, exc_type=DatasetError) -> None:
+        if self.on_error == "raise":
+            raise exc_type(message)
+        logger.warning("skipping: %s", message)
+
+
+def _pruned_keys(manifest: Manifest, by_key: Mapping, problem: _Reporter) -> set[str]:
+    """The prune entries that name pristine training records (the others are problems)."""
+    root = _dataset_root(list(by_key.values()))
+    prune = set()
+    for i, e in enumerate(manifest.prune):
+        if e in by_key:
+            prune.add(e)
+            continue
+        path, absent = _missing(root, e)
+        problem(
+            f"{_entry_location(manifest, 'prune', i)}: prune entry {e!r} is not a training "
+            "image of the pristine dataset ("
+            + (f"{path}: no such file)" if absent else f"{path} is not among the given records)"),
+            DatasetFileNotFoundError if absent else DatasetError,
+        )
+    return prune
+
+
+def _injected_records(manifest: Manifest, test_records: Sequence, problem: _Reporter) -> list:
+    """:class:`TrainRecord` s of the inject entries, from their source test records."""
+    test_by_key = {r.key: r for r in test_records}
+    root = _dataset_root(test_records)
+    defects_by_class: dict[str, set] = {}
+    for r in test_records:
+        if int(r.label) == 1:
+            defects_by_class.setdefault(r.class_name, set()).add(r.defect_type)
+    out = []
+    for i, e in enumerate(manifest.inject):
+        loc = _entry_location(manifest, "inject", i)
+        cls, _, _, fname = e.split("/")
+        d = _resolve_defect(fname, defects_by_class.get(cls, ()))
+        if d is None:
+            problem(
+                f"{loc}: cannot determine the defect type of inject entry {e!r} "
+                f"(test defect folders of {cls!r}: {sorted(defects_by_class.get(cls, ()))})"
+            )
+            continue
+        src_key = f"{cls}/test/{d}/{fname[len(d) + 1 :]}"
+        src = test_by_key.get(src_key)
+        if src is None:
+            path, absent = _missing(root, src_key)
+            reason = "no such file" if absent else "not among the given test records"
+            problem(
+                f"{loc}: inject entry {e!r} copies {src_key!r}, which is not in the test set "
+                f"({path}: {reason})",
+                DatasetFileNotFoundError if absent else DatasetError,
+            )
+            continue
+        out.append(_noise_record(src))
+    return out
+
+
 def apply_manifest(
     manifest: Manifest,
     train_records: Sequence[ImageRecord],
@@ -744,56 +862,28 @@ def apply_manifest(
 ) -> LongTailSplit:
     """The paper's training set from an official manifest, without copying files.
 
-    Equivalent to ``make_mvtecad_nlt.py``: drop every ``prune`` entry from the pristine
-    training records (matched on ``record.key``); add, for every ``inject`` entry
-    ``<class>/train/good/<defect>_<file>``, the test record ``<class>/test/<defect>/<file>``
-    (the defect is the longest test defect folder name that prefixes the file name).
+    Equivalent to ``make_mvtecad_nlt.py`` in jungyg/TailedCore: drop every ``prune`` entry
+    from the pristine training records (matched on ``record.key``); add, for every ``inject``
+    entry ``<class>/train/good/<defect>_<file>``, the test record
+    ``<class>/test/<defect>/<file>`` (the defect is the longest test defect folder name that
+    prefixes the file name).
 
     Tail classes: for ``step_*`` settings the pruned classes; otherwise the classes with
     fewer than ``head_min`` kept images. ``setting`` defaults to ``manifest.setting``.
 
     Raises:
-        DatasetError: a prune entry that is not a pristine training image, or an inject entry
-            whose defect or source image cannot be found (with ``on_error="skip"``: logged
-            and ignored).
+        DatasetError: a prune entry that is not a pristine training record, an inject entry
+            whose defect type or source test record cannot be found; the message starts with
+            ``<manifest file>:<line>:`` and gives the expected path
+            (:class:`DatasetFileNotFoundError` when that file does not exist). With
+            ``on_error="skip"`` these are logged and the entry ignored.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    problem = _Reporter(on_error)
     setting = setting if setting is not None else (manifest.setting or "custom")
     by_key = {r.key: r for r in train_records}
-    test_by_key = {r.key: r for r in test_records}
-    defects_by_class: dict[str, set] = {}
-    for r in test_records:
-        if int(r.label) == 1:
-            defects_by_class.setdefault(r.class_name, set()).add(r.defect_type)
-
-    def problem(msg):
-        if on_error == "raise":
-            raise DatasetError(msg)
-        logger.warning("skipping: %s", msg)
-
-    prune = set()
-    for e in manifest.prune:
-        if e not in by_key:
-            problem(f"prune entry {e!r} is not a training image of the pristine dataset")
-            continue
-        prune.add(e)
+    prune = _pruned_keys(manifest, by_key, problem)
     out = [_train_record(r) for k, r in by_key.items() if k not in prune]
-    for e in manifest.inject:
-        cls, _, _, fname = e.split("/")
-        d = _resolve_defect(fname, defects_by_class.get(cls, ()))
-        if d is None:
-            problem(
-                f"cannot determine the defect type of inject entry {e!r} "
-                f"(test defect folders of {cls!r}: {sorted(defects_by_class.get(cls, ()))})"
-            )
-            continue
-        src_key = f"{cls}/test/{d}/{fname[len(d) + 1 :]}"
-        src = test_by_key.get(src_key)
-        if src is None:
-            problem(f"source image {src_key!r} of inject entry {e!r} not found in the test set")
-            continue
-        out.append(_noise_record(src))
+    out.extend(_injected_records(manifest, test_records, problem))
     out.sort(key=_sort_key)
     kept = Counter(r.class_name for r in out if not r.is_noise)
     classes = sorted({r.class_name for r in train_records})
@@ -818,45 +908,41 @@ def nlt_train_records(
     numeric, so they never match.
 
     Raises:
-        FileNotFoundError: missing root, class or ``train/good`` folder.
+        DatasetFileNotFoundError: missing root, class or ``train/good`` folder.
+        DatasetError: a ``train/good`` folder without images.
     """
-    from tailedcore_jax.data.mvtec import _find_mask, _is_image_file  # host-side helpers
-
     root = Path(root)
     names = sorted(classes) if classes is not None else list_classes(root)
     out = []
     for c in names:
-        good = root / c / "train" / "good"
-        if not good.is_dir():
-            raise FileNotFoundError(f"train/good folder of class {c!r} not found: {good}")
-        test = root / c / "test"
-        defects = (
-            [p.name for p in test.iterdir() if p.is_dir() and p.name != "good"]
-            if test.is_dir()
-            else []
-        )
-        for f in sorted(x for x in os.listdir(good) if _is_image_file(x)):
-            d = _resolve_defect(f, defects)
-            if d is None:
-                out.append(TrainRecord(str(good / f), c, False, "good", f"{c}/train/good/{f}"))
-            else:
-                orig = f[len(d) + 1 :]
-                mp = _find_mask(root / c / "ground_truth" / d, os.path.splitext(orig)[0])
-                out.append(
-                    TrainRecord(
-                        str(good / f),
-                        c,
-                        True,
-                        d,
-                        f"{c}/train/good/{f}",
-                        None if mp is None else str(mp),
-                    )
-                )
+        out.extend(_nlt_class_records(root, c))
+    return out
+
+
+def _nlt_class_records(root: Path, c: str) -> list[TrainRecord]:
+    good = root / c / "train" / "good"
+    files = require_images(good, f"train/good folder of class {c!r}")
+    test = root / c / "test"
+    defects = (
+        [p.name for p in test.iterdir() if p.is_dir() and p.name != "good"]
+        if test.is_dir()
+        else []
+    )
+    out = []
+    for f in files:
+        key = f"{c}/train/good/{f}"
+        d = _resolve_defect(f, defects)
+        if d is None:
+            out.append(TrainRecord(str(good / f), c, False, "good", key))
+            continue
+        orig = f[len(d) + 1 :]
+        mp = find_mask(root / c / "ground_truth" / d, os.path.splitext(orig)[0])
+        out.append(TrainRecord(str(good / f), c, True, d, key, None if mp is None else str(mp)))
     return out
 
 
 def class_ids(records: Sequence) -> tuple[tuple[str, ...], np.ndarray]:
-    """Ground-truth class of every record as integer ids: ``(sorted class names, ids (N,) int32)``."""
+    """Ground-truth class of every record as ids: ``(sorted class names, (N,) int32 ids)``."""
     names = tuple(sorted({r.class_name for r in records}))
     lut = {c: i for i, c in enumerate(names)}
     return names, np.asarray([lut[r.class_name] for r in records], dtype=np.int32)

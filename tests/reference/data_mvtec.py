@@ -1,4 +1,4 @@
-"""Plain PIL + NumPy oracle for the MVTec preprocessing (written from the spec, section 2.1).
+"""Plain PIL + NumPy oracle for the MVTec preprocessing (written independently of the library).
 
 torchvision ``Resize(int)`` -> ``CenterCrop`` -> ``ToTensor`` -> ``Normalize``, spelled out
 with PIL's own ``crop`` (the library slices a NumPy array instead).
