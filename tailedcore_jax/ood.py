@@ -2,7 +2,9 @@
 
 Convention: **every score is higher for in-distribution** inputs. Distances (KNN, SSD,
 Mahalanobis) are returned as distances by the ``*_distance`` functions and negated by the
-``*_score`` functions.
+``*_score`` functions. Features are ``(B, D)`` pooled last-hidden-layer activations, logits
+``(B, K)``; scores are ``(B,)``. Inputs are checked for rank, a floating dtype and (when
+concrete) finite values; every function also runs under ``jit`` and ``vmap``.
 
 References:
     - NAN: J. Park, J. C. L. Chai, J. Yoon, A. B. J. Teoh, "Understanding the Feature Norm for
@@ -79,18 +81,17 @@ def _logits(x) -> jax.Array:
 
 
 def positive_count(features) -> jax.Array:
-    """``#(a > 0)`` per row (Eq. 9 counts strictly positive units, not nonzero ones)."""
+    """``#(a > 0)`` per row, ``(B, D) -> (B,)`` int (Eq. 9: strictly positive units)."""
     return jnp.sum(_features_2d("features", features) > 0, axis=-1)
 
 
 def negative_aware_norm(features, *, eps: float | None = None) -> jax.Array:
-    """NAN score ``||a||_1 / #(a > 0)`` of pooled last-hidden-layer activations (Eq. 10).
+    """NAN ``||a||_1 / #(a > 0)`` of pooled last-hidden-layer activations (Park et al., Eq. 10).
 
     Args:
-        features: ``(B, D)`` post-activation, pooled features ``a^(L)`` (float32
-            recommended: the positive count is sensitive to tiny values).
-        eps: None (default): rows with no positive unit score 0. A float: ``l1 / (count +
-            eps)`` exactly as the third-party ``compute_nan_score`` (eps=1e-6).
+        features: ``(B, D)`` post-activation pooled features ``a^(L)`` (float32 recommended:
+            the positive count is sensitive to tiny values).
+        eps: None: a row with no positive unit scores 0. A float: ``l1 / (count + eps)``.
 
     Returns:
         ``(B,)`` float32, higher = more in-distribution.
@@ -107,7 +108,7 @@ def negative_aware_norm(features, *, eps: float | None = None) -> jax.Array:
 
 
 def feature_norm(features, *, ord: int | float = 1) -> jax.Array:
-    """Plain feature-norm baseline ``||a||_ord`` (the paper's "NAN w/o sparsity term" is ord=1)."""
+    """Feature-norm baseline ``||a||_ord``, ``(B, D) -> (B,)`` (ord=1: NAN without its count)."""
     a = _features_2d("features", features).astype(jnp.float32)
     return jnp.linalg.norm(a, ord=ord, axis=-1)
 
@@ -121,12 +122,13 @@ def global_avg_pool(feature_map) -> jax.Array:
 
 
 def msp(logits) -> jax.Array:
-    """Maximum softmax probability."""
+    """MSP ``max_k softmax(z)_k``, ``(B, K) -> (B,)`` (Hendrycks & Gimpel, ICLR 2017)."""
     return jnp.max(jax.nn.softmax(_logits(logits), axis=-1), axis=-1)
 
 
 def energy(logits, *, temperature: float = 1.0) -> jax.Array:
-    """Negative free energy ``T * logsumexp(z / T)`` (higher = ID)."""
+    """Negative free energy ``T * logsumexp(z / T)``, ``(B, K) -> (B,)`` (Liu et al., NeurIPS
+    2020). Raises ValueError unless ``temperature > 0``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     z = _logits(logits)
@@ -134,28 +136,43 @@ def energy(logits, *, temperature: float = 1.0) -> jax.Array:
 
 
 def max_logit(logits) -> jax.Array:
-    """Largest logit."""
+    """MaxLogit ``max_k z_k``, ``(B, K) -> (B,)`` (Hendrycks et al., ICML 2022)."""
     return jnp.max(_logits(logits), axis=-1)
 
 
 def kl_uniform(logits) -> jax.Array:
-    """``KL(uniform || softmax(z)) = logsumexp(z) - mean(z) - log K`` (nan-spec section 5)."""
+    """``KL(uniform || softmax(z)) = logsumexp(z) - mean(z) - log K``, ``(B, K) -> (B,)``."""
     z = _logits(logits)
     return jax.nn.logsumexp(z, axis=-1) - jnp.mean(z, axis=-1) - math.log(z.shape[-1])
 
 
-def react_threshold(id_features, *, percentile: float = 90.0) -> jax.Array:
-    """ReAct clip value: the ``percentile``-th percentile of all ID activations (linear)."""
+def react_threshold(id_features, *, percentile: float = 0.9) -> jax.Array:
+    """ReAct clip value ``c``: the ``percentile`` quantile of all ID activations (Sun et al.,
+    NeurIPS 2021), linear interpolation.
+
+    Args:
+        id_features: ``(N, D)`` ID (training or validation) features.
+        percentile: a fraction in ``(0, 1]``: 0.9 is the 90th percentile.
+
+    Returns:
+        scalar ``c``.
+
+    Raises:
+        ValueError: empty or non-2-D features, ``percentile`` outside ``(0, 1]``.
+    """
     a = _features_2d("id_features", id_features)
     if a.size == 0:
         raise ValueError("id_features is empty")
-    if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-    return jnp.percentile(a.reshape(-1), percentile)
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(
+            f"percentile is a fraction in (0, 1] (0.9 = the 90th percentile), got {percentile}")
+    # jnp.percentile of the percent, not jnp.quantile: the two can differ in the last float32
+    # digit, and this keeps the value of the earlier percent-valued argument (90.0) exactly
+    return jnp.percentile(a.reshape(-1), 100.0 * percentile)
 
 
 def react_clip(features, threshold) -> jax.Array:
-    """ReAct rectification ``min(a, c)``."""
+    """ReAct rectification ``min(a, c)``, ``(B, D) -> (B, D)``."""
     return jnp.minimum(_features_2d("features", features), threshold)
 
 
@@ -167,7 +184,8 @@ def _l2_normalise(x: jax.Array) -> jax.Array:
 
 
 def knn_ood_distance(queries, bank, *, k: int = 50, bank_mask=None, **chunks) -> jax.Array:
-    """Euclidean distance to the ``k``-th nearest bank row, both L2-normalised (Sun et al.).
+    """KNN distance ``||q/|q| - b_(k)/|b_(k)|||_2`` to the ``k``-th nearest L2-normalised bank
+    row (Sun et al., ICML 2022).
 
     Args:
         queries: ``(B, D)`` test features. bank: ``(N, D)`` ID training features.
@@ -233,17 +251,22 @@ def _kmeans(key, x: jax.Array, num_clusters: int, iters: int) -> tuple[jax.Array
 
 def ssd_fit(key, features, *, num_clusters: int = 1, iters: int = 50, normalise: bool = True,
             ridge: float = 1e-6) -> SSDModel:
-    """Fit SSD: k-means clusters of ID features plus a shared within-cluster covariance.
-
-    JAX version of Sehwag et al. (ICLR 2021) as described in nan-spec section 2.5: features
-    are L2-normalised (``normalise``), clustered with ``num_clusters``-means, and one
-    covariance of the cluster-centred features is shared by all clusters.
+    """Fit SSD (Sehwag et al., ICLR 2021): k-means centres ``mu_m`` of the L2-normalised ID
+    features and the precision of one shared covariance
+    ``Sigma = mean_i (x_i - mu_m(i)) (x_i - mu_m(i))^T + ridge * tr(Sigma) / D * I``.
 
     Args:
-        key: PRNG key for the k-means initialisation.
-        features: ``(N, D)`` ID training features, ``N >= num_clusters``.
+        key: PRNG key for the k-means++ initialisation.
+        features: ``(N, D)`` ID training features, ``N >= max(num_clusters, 2)``.
         num_clusters: clusters (1 = a single Gaussian). iters: Lloyd iterations.
-        ridge: added to the covariance diagonal (times its mean variance) before inversion.
+        normalise: L2-normalise the features first.
+        ridge: relative diagonal loading before the (pseudo-)inversion.
+
+    Returns:
+        :class:`SSDModel` with ``centers (M, D)`` and ``precision (D, D)``.
+
+    Raises:
+        ValueError: too few features, features not 2-D or not finite.
     """
     x = _features_2d("features", features).astype(jnp.float32)
     if x.shape[0] < max(num_clusters, 2):
@@ -267,7 +290,9 @@ def _min_mahalanobis(x, centers, precision):
 
 
 def ssd_distance(model: SSDModel, queries, *, normalise: bool = True) -> jax.Array:
-    """Squared Mahalanobis distance to the nearest SSD centre (higher = OOD)."""
+    """``min_m (q - mu_m)^T Sigma^-1 (q - mu_m)``, ``(B, D) -> (B,)``: squared Mahalanobis
+    distance to the nearest SSD centre (higher = OOD). Raises ValueError on a dimension
+    mismatch."""
     q = _features_2d("queries", queries).astype(jnp.float32)
     if q.shape[-1] != model.centers.shape[-1]:
         raise ValueError(f"queries have dimension {q.shape[-1]}, model {model.centers.shape[-1]}")
@@ -289,7 +314,15 @@ class MahalanobisModel(NamedTuple):
 
 
 def mahalanobis_fit(features, labels, *, num_classes: int, ridge: float = 1e-6) -> MahalanobisModel:
-    """Supervised Mahalanobis baseline (Lee et al. 2018): class means, tied covariance.
+    """Supervised Mahalanobis baseline (Lee et al., NeurIPS 2018): class means ``mu_k`` and
+    the precision of the tied covariance of ``x_i - mu_(y_i)`` (diagonal loading ``ridge``).
+
+    Args:
+        features: ``(N, D)`` ID training features. labels: ``(N,)`` ints in
+            ``[0, num_classes)``.
+
+    Returns:
+        :class:`MahalanobisModel` with ``means (K, D)`` and ``precision (D, D)``.
 
     Raises:
         ValueError: a class has no sample (concrete labels), shapes disagree.
@@ -315,17 +348,16 @@ def mahalanobis_fit(features, labels, *, num_classes: int, ridge: float = 1e-6) 
 
 
 def mahalanobis_score(model: MahalanobisModel, queries) -> jax.Array:
-    """Negative squared Mahalanobis distance to the closest class mean (higher = ID)."""
+    """``-min_k (q - mu_k)^T Sigma^-1 (q - mu_k)``, ``(B, D) -> (B,)`` (higher = ID)."""
     q = _features_2d("queries", queries).astype(jnp.float32)
     return -_min_mahalanobis(q, model.means, model.precision)
 
 
 def combine_distance_nan(distance, nan) -> jax.Array:
-    """Paper Sec. 6.2: ``S = -d / NAN`` (higher = ID).
+    """``S = -d / NAN`` (Park et al., Sec. 6.2), ``(B,), (B,) -> (B,)`` float32, higher = ID.
 
-    A row whose NAN is 0 (no active unit) gets the lowest finite float32,
-    ``-finfo(float32).max``: the most OOD score possible that still ranks (the metrics reject
-    infinities). Rows with a positive NAN keep the exact ``-d / NAN``.
+    A row whose NAN is 0 (no active unit) gets ``-finfo(float32).max``: the most OOD score
+    that still ranks (the metrics reject infinities). Raises ValueError if shapes differ.
     """
     distance = jnp.asarray(distance)
     nan = jnp.asarray(nan)
@@ -347,10 +379,9 @@ def nan_ssd_score(model: SSDModel, queries) -> jax.Array:
 
 
 def nan_react_score(features, threshold) -> jax.Array:
-    """NAN+ReAct: NAN of the ReAct-rectified features ``NAN(min(a, c))``.
+    """NAN+ReAct: ``NAN(min(a, c))``, the NAN of the ReAct-rectified features, ``(B,)``.
 
-    The exact recipe is not in the paper's main text (nan-spec 2.5); this is its most
-    plausible reading.
+    The paper gives no exact recipe for this combination; this is its most plausible reading.
     """
     return negative_aware_norm(react_clip(features, threshold))
 
@@ -370,7 +401,9 @@ def nan_react_ssd_score(model: SSDModel, queries, threshold) -> jax.Array:
 
 
 def activation_entropy(features) -> jax.Array:
-    """Binary activation entropy per unit (Eq. 7), natural log: ``(N, D) -> (D,)``."""
+    """Binary activation entropy per unit (Park et al., Eq. 7), natural log: ``(N, D) -> (D,)``,
+    ``H(p_j) = -p_j log p_j - (1 - p_j) log(1 - p_j)`` with ``p_j`` the fraction of rows where
+    unit ``j`` is positive."""
     a = _features_2d("features", features)
     p = jnp.mean(a > 0, axis=0)
 

@@ -1,10 +1,93 @@
-"""The main job end to end at a tiny size: it runs offline and writes every artefact."""
+"""``python -m experiments.tailedcore``: recipes, flags, and the main job end to end at a tiny
+size (offline, every artefact written, a rerun resumes from the cache)."""
 
+import argparse
+import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
-from experiments import tailedcore
+from experiments import common
+from experiments.nan_ood.config import NanOodConfig
+from experiments.tailedcore import main as tailedcore
+from experiments.tailedcore.config import TailedCoreConfig
+
+PACKAGE = "experiments.tailedcore"
+RECIPES = ("synthetic", "mvtec_pareto", "mvtec_step_k4", "mvtec_step_k1", "visa_pareto",
+           "visa_step_k4", "visa_step_k1")
+
+
+def test_help_runs_as_a_module(tmp_path):
+    # from another directory: the installed package, not the checkout's cwd
+    res = subprocess.run([sys.executable, "-m", PACKAGE, "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--lof-drop" in res.stdout and "--config" in res.stdout
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_loads_and_resolves(name):
+    cfg = common.load_config(PACKAGE, name)
+    assert isinstance(cfg, TailedCoreConfig)
+    if cfg.dataset != "synthetic":
+        cfg = dataclasses.replace(cfg, data_root="/data", weights="w.pth")
+        assert cfg.resolved().arch == "wide_resnet50_2" and not cfg.resolved().bn_recalibration
+    resolved = cfg.resolved()
+    assert resolved.augmentation and resolved.image_size and resolved.noise_ratio
+
+
+# experiments.common, for both experiment packages
+@pytest.mark.parametrize("package, cls, recipes", [
+    (PACKAGE, TailedCoreConfig, RECIPES),
+    ("experiments.nan_ood", NanOodConfig, ("synthetic", "cifar10")),
+])
+def test_recipes_and_flags_of_both_experiments(package, cls, recipes):
+    assert sorted(common.available_configs(package)) == sorted(recipes)
+    for name in recipes:
+        assert isinstance(common.load_config(package, name), cls)
+    assert common.load_config(package, "synthetic") == cls()  # the default is the recipe
+    parser = common.config_parser(cls(), prog="p", description="", package=package,
+                                  config_name="synthetic")
+    flags = {s for a in parser._actions for s in a.option_strings}
+    for f in dataclasses.fields(cls):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+
+
+def test_parse_bool():
+    for text, want in (("on", True), ("TRUE", True), ("1", True), ("off", False), ("no", False)):
+        assert common.parse_bool(text) is want
+    with pytest.raises(argparse.ArgumentTypeError):
+        common.parse_bool("maybe")
+
+
+def test_flags_override_the_recipe():
+    cfg, args = tailedcore.parse_args(
+        ["--config", "mvtec_step_k1", "--lof-k", "3", "--lof-drop", "0.2", "--model-seed", "1",
+         "--patch-layers", "layer1,layer3", "--bn-recalibration", "on", "--no-pixels",
+         "--nan-normalize", "--noise-ratio", "none", "--augmentation", "none", "--out", "o"])
+    assert (cfg.lof_k, cfg.lof_drop, cfg.model_seed) == (3, 0.2, 1)
+    assert cfg.patch_layers == ("layer1", "layer3") and cfg.bn_recalibration is True
+    assert cfg.pixels is False and cfg.nan_normalize is True
+    assert cfg.noise_ratio is None and cfg.augmentation == "none"  # "none" is a value here
+    assert (cfg.dataset, cfg.setting, cfg.arch) == ("mvtec", "step_k1", "wide_resnet50_2")
+    assert args.out == "o"
+    cfg, _ = tailedcore.parse_args(["--bn-recalibration", "false", "--fit-seed", "2"])
+    assert cfg == dataclasses.replace(TailedCoreConfig(), bn_recalibration=False, fit_seed=2)
+
+
+def test_config_file_by_path_and_bad_flags(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text("from experiments.tailedcore.config import TailedCoreConfig\n"
+                    "def get_config():\n    return TailedCoreConfig(ratio=0.25)\n")
+    cfg, _ = tailedcore.parse_args(["--config", str(path), "--seed", "4"])
+    assert (cfg.ratio, cfg.seed) == (0.25, 4)
+    for bad in (["--config", "nope"], ["--methods", "patchcore,bad"], ["--lof-k", "x"],
+                ["--pixels", "maybe"], ["--dataset", "imagenet"]):
+        with pytest.raises(SystemExit):
+            tailedcore.parse_args(bad)
 
 
 def test_main_job_tiny(tmp_path):

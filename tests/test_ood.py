@@ -1,4 +1,4 @@
-"""OOD scores against numpy/scipy oracles written from nan-spec.md."""
+"""OOD scores against numpy/scipy oracles written from the papers' definitions."""
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +60,14 @@ def test_logit_scores(rng):
 
 
 def test_react(feats):
-    c = ood.react_threshold(feats, percentile=90)
+    c = ood.react_threshold(feats, percentile=0.9)  # a fraction: the 90th percentile
     np.testing.assert_allclose(c, np.percentile(feats.reshape(-1), 90), rtol=1e-6)
+    # the same float32 value as the percent-based percentile it replaces
+    assert float(c) == float(jnp.percentile(jnp.asarray(feats).reshape(-1), 90.0))
+    np.testing.assert_allclose(ood.react_threshold(feats, percentile=1.0), feats.max(), rtol=1e-5)
+    for bad in (0.0, 90.0, -0.1):
+        with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
+            ood.react_threshold(feats, percentile=bad)
     np.testing.assert_allclose(ood.react_clip(feats, c), np.minimum(feats, float(c)))
     np.testing.assert_allclose(ood.nan_react_score(feats, c), _np_nan(np.minimum(feats, float(c))), rtol=1e-6)
 

@@ -1,5 +1,7 @@
-"""Tests for tailedcore_jax.train: optimizer, schedule, augmentation, training, resume, OOD eval."""
+"""Tests for experiments.nan_ood.train and .evaluate: optimizer, schedule, augmentation,
+training, resume, BatchNorm recalibration of raw images, OOD evaluation."""
 
+import functools
 import json
 
 import jax
@@ -9,7 +11,9 @@ import optax
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tailedcore_jax import train as T
+from experiments.nan_ood import evaluate as E
+from experiments.nan_ood import train as T
+from tailedcore_jax.models.batchnorm import recalibrate_batch_norm
 from tailedcore_jax.models.resnet import resnet18_cifar
 from tests.reference import train as ref
 
@@ -174,12 +178,15 @@ def test_epoch_indices_cover_every_sample(key):
     assert not np.array_equal(idx, T.epoch_indices(key, 4, 10, 4))
 
 
-def test_recalibrate_batch_stats_is_the_average_of_batch_statistics(rng, key):
+def test_recalibrate_raw_images_is_the_weighted_average_of_batch_statistics(rng, key):
+    """The NAN experiment's label-free path: uint8 images normalised inside the forward,
+    batches of unequal size (4, 4, 2) weighted by their size."""
     model = resnet18_cifar(num_classes=None, width=4)
     images = rng.integers(0, 256, (10, 8, 8, 3)).astype(np.uint8)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     v = model.init(key, jnp.zeros((1, 8, 8, 3)))
-    new = T.recalibrate_batch_stats(model, v, images, mean=mean, std=std, batch_size=4)
+    normalize = functools.partial(T.normalize_images, mean=mean, std=std)
+    new = recalibrate_batch_norm(model, v, images, batch_size=4, preprocess=normalize)
     # independent computation of the first BN's input: conv1 on the normalised images
     x = (images.astype(np.float32) / 255.0 - np.float32(0.5)) / np.float32(0.25)
     k = np.asarray(v["params"]["conv1"]["kernel"])
@@ -192,8 +199,13 @@ def test_recalibrate_batch_stats_is_the_average_of_batch_statistics(rng, key):
     want_var = sum(wi * b.var((0, 1, 2)) for wi, b in zip(w, blocks)) / w.sum()
     np.testing.assert_allclose(np.asarray(new["batch_stats"]["bn1"]["mean"]), want_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(new["batch_stats"]["bn1"]["var"]), want_var, rtol=1e-4, atol=1e-5)
+    # the same as normalising first and recalibrating the float images
+    pre = recalibrate_batch_norm(model, v, np.asarray(normalize(images)), batch_size=4)
+    for a, b in zip(jax.tree_util.tree_leaves(new["batch_stats"]),
+                    jax.tree_util.tree_leaves(pre["batch_stats"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="non-empty"):
-        T.recalibrate_batch_stats(model, v, images[:0], mean=mean, std=std)
+        recalibrate_batch_norm(model, v, images[:0], preprocess=normalize)
 
 
 # ---------------------------------------------------------------------------- OOD evaluation
@@ -211,13 +223,13 @@ def _sets(rng, d=16, k=3):
 def test_ood_method_scores_and_metrics(rng, key):
     tr, sets = _sets(rng)
     labels = np.arange(40) % 3
-    scores = T.ood_method_scores(key, tr, sets, train_labels=labels, num_classes=3, knn_k=5)
-    assert tuple(scores) == T.OOD_METHODS
+    scores = E.ood_method_scores(key, tr, sets, train_labels=labels, num_classes=3, knn_k=5)
+    assert tuple(scores) == E.OOD_METHODS
     np.testing.assert_allclose(scores["NAN"]["far"], ref.nan_score(sets["far"][0]), rtol=1e-6)
     np.testing.assert_allclose(scores["FeatureNorm"]["ID"], np.abs(sets["ID"][0]).sum(1), rtol=1e-5)
     assert scores["NAN+KNN"]["far"][0] == -np.finfo(np.float32).max  # most OOD, still finite
-    metrics = T.ood_metrics(scores, "ID")
-    for m in T.OOD_METHODS:
+    metrics = E.ood_metrics(scores, "ID")
+    for m in E.OOD_METHODS:
         s_id, s_ood = scores[m]["ID"], np.where(np.isneginf(scores[m]["far"]), -1e30, scores[m]["far"])
         want = roc_auc_score(np.r_[np.ones(20), np.zeros(25)], np.r_[s_id, s_ood])
         assert metrics[m]["far"]["auroc"] == pytest.approx(100 * want, abs=1e-3)
@@ -225,25 +237,35 @@ def test_ood_method_scores_and_metrics(rng, key):
         assert metrics[m]["far"]["fpr"] == pytest.approx(100 * np.mean(s_ood >= thr), abs=1e-3)
         assert metrics[m]["average"] == metrics[m]["far"]
     # label-free: only feature scores
-    lf = T.ood_method_scores(key, tr, {n: (f, None) for n, (f, _) in sets.items()}, knn_k=5)
-    assert tuple(lf) == T.LABEL_FREE_METHODS
+    lf = E.ood_method_scores(key, tr, {n: (f, None) for n, (f, _) in sets.items()}, knn_k=5)
+    assert tuple(lf) == E.LABEL_FREE_METHODS
 
 
 def test_ood_eval_bad_input(rng, key):
     tr, sets = _sets(rng)
     bad = dict(sets, ID=(sets["ID"][0], np.full((20, 3), np.nan, np.float32)))
     with pytest.raises(ValueError, match="ID: logits contain NaN"):
-        T.ood_method_scores(key, tr, bad)
+        E.ood_method_scores(key, tr, bad)
     with pytest.raises(ValueError, match="far: features must be a non-empty"):
-        T.ood_method_scores(key, tr, dict(sets, far=(sets["far"][0][:0], None)))
+        E.ood_method_scores(key, tr, dict(sets, far=(sets["far"][0][:0], None)))
     with pytest.raises(ValueError, match="train_features must be a non-empty"):
-        T.ood_method_scores(key, tr[:0], sets)
+        E.ood_method_scores(key, tr[:0], sets)
     with pytest.raises(ValueError, match="needs logits"):
-        T.ood_method_scores(key, tr, {n: (f, None) for n, (f, _) in sets.items()}, methods=["MSP"])
+        E.ood_method_scores(key, tr, {n: (f, None) for n, (f, _) in sets.items()}, methods=["MSP"])
     with pytest.raises(ValueError, match="unknown method"):
-        T.ood_method_scores(key, tr, sets, methods=["ODIN"])
-    scores = T.ood_method_scores(key, tr, sets, methods=["NAN"])
+        E.ood_method_scores(key, tr, sets, methods=["ODIN"])
+    scores = E.ood_method_scores(key, tr, sets, methods=["NAN"])
     with pytest.raises(ValueError, match="no OOD set"):
-        T.ood_metrics({"NAN": {"ID": scores["NAN"]["ID"]}}, "ID")
+        E.ood_metrics({"NAN": {"ID": scores["NAN"]["ID"]}}, "ID")
     with pytest.raises(ValueError, match="no scores for the ID set"):
-        T.ood_metrics(scores, "test")
+        E.ood_metrics(scores, "test")
+
+
+def test_react_percentile_is_a_fraction(rng, key):
+    tr, sets = _sets(rng)
+    got = E.ood_method_scores(key, tr, sets, methods=["NAN+ReAct"], react_percentile=0.8)
+    c = np.quantile(tr.reshape(-1), 0.8)
+    np.testing.assert_allclose(got["NAN+ReAct"]["ID"], ref.nan_score(np.minimum(sets["ID"][0], c)),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="fraction"):
+        E.ood_method_scores(key, tr, sets, methods=["NAN+ReAct"], react_percentile=90.0)

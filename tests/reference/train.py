@@ -1,4 +1,4 @@
-"""Plain-NumPy oracles for tailedcore_jax.train (written from torch's documented semantics)."""
+"""Plain-NumPy oracles for experiments.nan_ood.train (written from torch's documented semantics)."""
 
 import math
 

@@ -1,15 +1,14 @@
-"""Classifier training (optax SGD, on-device augmentation, resumable checkpoints) and the OOD
-evaluation used by the NAN experiments.
+"""Classifier training for the NAN experiment: optax SGD, on-device crop/flip, resumable
+checkpoints, batched prediction.
 
-Recipe (nan-spec section 2.7; the NAN paper's own recipe is in its unverified appendix C, so
-the closest documented CIFAR ResNet-18 CE recipe is used, that of
-``gist-ailab/block-selection-for-OOD-detection::train.py``): cross-entropy, SGD momentum 0.9,
-weight decay 5e-4 **coupled as in ``torch.optim.SGD``** (``g <- g + wd * p`` before the
-momentum buffer; :func:`torch_sgd`), learning rate 0.1, batch 128, random crop 32 with 4 px
-zero padding + horizontal flip, and a multistep schedule (x0.1 at 50 %, 75 % and 90 % of the
-epochs, i.e. epochs 50/75/90 of 100). ``schedule="cosine"`` gives a per-step cosine decay
-instead. Weight decay applies to every parameter (BatchNorm and biases included), as torch
-does with ``model.parameters()``.
+Recipe: the closest documented CIFAR ResNet-18 cross-entropy recipe (the NAN paper does not
+publish its own), that of ``gist-ailab/block-selection-for-OOD-detection::train.py``: SGD
+momentum 0.9, weight decay 5e-4 **coupled as in ``torch.optim.SGD``** (``g <- g + wd * p``
+before the momentum buffer; :func:`torch_sgd`), learning rate 0.1, batch 128, random crop 32
+with 4 px zero padding + horizontal flip, and a multistep schedule (x0.1 at 50 %, 75 % and
+90 % of the epochs). ``schedule="cosine"`` gives a per-step cosine decay instead. Weight
+decay applies to every parameter (BatchNorm and biases included), as torch does with
+``model.parameters()``.
 
 Everything random derives from one key: ``key_init, key_data, key_aug = split(key, 3)``;
 the sample order of epoch ``e`` is ``permutation(fold_in(key_data, e), N)`` and the
@@ -27,6 +26,8 @@ kept). Calling :func:`train_classifier` again with the same arguments resumes af
 completed epoch. JSON log: one line per epoch ``{"epoch", "step", "loss", "acc", "lr",
 "time"}`` (``loss``/``acc`` averaged over the epoch's training batches, ``lr`` the rate of the
 epoch's last step, ``time`` seconds for the epoch).
+
+``python -m experiments.nan_ood.train`` trains alone (see :mod:`experiments.nan_ood.main`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,9 +47,7 @@ import numpy as np
 import optax
 
 from tailedcore_jax import checkpoint as _ckpt
-from tailedcore_jax import ood as _ood
 from tailedcore_jax.features import extract_features
-from tailedcore_jax.metrics import auroc, fpr_at_tpr
 
 __all__ = [
     "TrainState",
@@ -65,11 +64,6 @@ __all__ = [
     "train_classifier",
     "make_predict_fn",
     "predict",
-    "recalibrate_batch_stats",
-    "OOD_METHODS",
-    "LABEL_FREE_METHODS",
-    "ood_method_scores",
-    "ood_metrics",
 ]
 
 
@@ -95,11 +89,17 @@ class TrainState(NamedTuple):
 
 
 class TrainResult(NamedTuple):
-    """Output of :func:`train_classifier`: final state, per-epoch log records, epochs run now."""
+    """Output of :func:`train_classifier`: final state, per-epoch log records (all epochs
+    when a ``log_path`` is kept), and the epoch the run resumed after (0 = fresh)."""
 
     state: TrainState
     history: list
     resumed_from_epoch: int
+
+    @property
+    def epochs_done(self) -> int:
+        """Completed epochs, resumed ones included."""
+        return int(self.history[-1]["epoch"]) if self.history else self.resumed_from_epoch
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -422,53 +422,23 @@ def train_classifier(
 
     meta = np.asarray([epochs, batch_size, n], np.int32)
     key_bits = np.asarray(jax.random.key_data(key), np.uint32)
-    start_epoch, history = 0, []
     ckpt_path = Path(checkpoint_dir) / "last" if checkpoint_dir is not None else None
-    if ckpt_path is not None and _ckpt.exists(ckpt_path):
-        like = {"state": state, "epoch": np.int32(0), "meta": meta, "key": key_bits}
-        saved = _ckpt.restore(ckpt_path, like=like)
-        if not np.array_equal(np.asarray(saved["meta"]), meta) or not np.array_equal(
-            np.asarray(saved["key"]), key_bits
-        ):
-            raise ValueError(
-                f"checkpoint {ckpt_path} was written by a different run (epochs, batch_size, "
-                f"N = {np.asarray(saved['meta']).tolist()} vs {meta.tolist()}, or another key); "
-                "use a fresh checkpoint_dir"
-            )
-        state = jax.tree_util.tree_map(jnp.asarray, saved["state"])
-        start_epoch = int(saved["epoch"])
+    state, start_epoch = _resume(ckpt_path, state, meta, key_bits)
     log_file = Path(log_path) if log_path is not None else None
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        if log_file.exists() and start_epoch > 0:
-            history = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-            history = [r for r in history if r.get("epoch", 0) <= start_epoch]
-        _write_log(log_file, history)
+    history = _restart_log(log_file, start_epoch)
 
     last = epochs if stop_after_epoch is None else max(min(int(stop_after_epoch), epochs), start_epoch)
     for epoch in range(start_epoch, last):
         t0 = time.perf_counter()
         order = epoch_indices(key_data, epoch, n, batch_size)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        metrics = []
-        for idx in order:
-            state, mets = step_fn(state, images[idx], labels[idx], key_aug)
-            metrics.append(mets)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        stacked = jax.device_get(jax.tree_util.tree_map(lambda *v: jnp.stack(v), *metrics))
+        state, mets = _run_epoch(step_fn, state, images, labels, order, key_aug,
+                                 desc=f"epoch {epoch + 1}/{epochs}" if progress else None)
         step_now = int(state.step)
         record = {
             "epoch": epoch + 1,
             "step": step_now,
-            "loss": float(np.mean(stacked["loss"])),
-            "acc": float(np.mean(stacked["acc"])),
+            "loss": float(np.mean(mets["loss"])),
+            "acc": float(np.mean(mets["acc"])),
             "lr": float(sched(step_now - 1)),
             "time": round(time.perf_counter() - t0, 3),
         }
@@ -484,6 +454,54 @@ def train_classifier(
         if log_fn is not None:
             log_fn(record)
     return TrainResult(state, history, start_epoch)
+
+
+def _resume(ckpt_path: Path | None, state: TrainState, meta, key_bits) -> tuple[TrainState, int]:
+    """(state, completed epochs) from ``ckpt_path`` when it holds a checkpoint of this run."""
+    if ckpt_path is None or not _ckpt.exists(ckpt_path):
+        return state, 0
+    like = {"state": state, "epoch": np.int32(0), "meta": meta, "key": key_bits}
+    saved = _ckpt.restore(ckpt_path, like=like)
+    if not np.array_equal(np.asarray(saved["meta"]), meta) or not np.array_equal(
+        np.asarray(saved["key"]), key_bits
+    ):
+        raise ValueError(
+            f"checkpoint {ckpt_path} was written by a different run (epochs, batch_size, "
+            f"N = {np.asarray(saved['meta']).tolist()} vs {meta.tolist()}, or another key); "
+            "use a fresh checkpoint_dir"
+        )
+    return jax.tree_util.tree_map(jnp.asarray, saved["state"]), int(saved["epoch"])
+
+
+def _restart_log(log_file: Path | None, start_epoch: int) -> list:
+    """The log records of the completed epochs; the file is rewritten to hold just those."""
+    history = []
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if log_file.exists() and start_epoch > 0:
+            history = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+            history = [r for r in history if r.get("epoch", 0) <= start_epoch]
+        _write_log(log_file, history)
+    return history
+
+
+def _run_epoch(step_fn, state, images, labels, order, key_aug, *, desc: str | None):
+    """One pass over ``order`` (``(steps, batch)`` indices); the stacked step metrics on the
+    host. ``desc``: tqdm bar title (None = no bar)."""
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(order), desc=desc, leave=False)
+    metrics = []
+    for idx in order:
+        state, mets = step_fn(state, images[idx], labels[idx], key_aug)
+        metrics.append(mets)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return state, jax.device_get(jax.tree_util.tree_map(lambda *v: jnp.stack(v), *metrics))
 
 
 # ----------------------------------------------------------------------------- inference
@@ -514,239 +532,8 @@ def predict(model, variables, images, *, mean, std, taps=("pooled", "logits"), b
     return extract_features(lambda x: fn(variables, x), images, batch_size=bs)
 
 
-def recalibrate_batch_stats(model, variables, images, *, mean, std, batch_size: int = 128) -> dict:
-    """BatchNorm recalibration (synthetic-default.md): running statistics := the cumulative
-    average of the per-batch statistics over ``images`` (all batches weighted by size).
 
-    Used for label-free NAN on a random-init backbone. Returns new variables (params
-    unchanged). Flax stores the biased batch variance.
+if __name__ == "__main__":
+    from experiments.nan_ood.main import train_main
 
-    Raises:
-        ValueError: no images.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (N, H, W, C) array, got shape {images.shape}")
-    mom0 = model.clone(bn_momentum=0.0)
-    mean_t, std_t = tuple(map(float, mean)), tuple(map(float, std))
-
-    @jax.jit
-    def batch_stats(v, x):
-        _, upd = mom0.apply(v, normalize_images(x, mean_t, std_t), train=True,
-                            mutable=["batch_stats"], taps=("pooled",))
-        return upd["batch_stats"]
-
-    total, acc = 0, None
-    for s in range(0, images.shape[0], batch_size):
-        x = images[s : s + batch_size]
-        bs = batch_stats(variables, x)
-        w = x.shape[0]
-        acc = jax.tree_util.tree_map(lambda a: a * w, bs) if acc is None else jax.tree_util.tree_map(
-            lambda a, b: a + b * w, acc, bs)
-        total += w
-    new_stats = jax.tree_util.tree_map(lambda a: a / total, acc)
-    return {**variables, "batch_stats": new_stats}
-
-
-# ----------------------------------------------------------------------------- OOD evaluation
-
-#: Methods of the NAN paper's Tables 1-3 (supervised), in table order.
-OOD_METHODS = (
-    "MSP", "Energy", "MaxLogit", "KL", "Mahalanobis", "FeatureNorm", "NAN", "KNN", "SSD",
-    "NAN+KNN", "NAN+SSD", "NAN+ReAct", "NAN+ReAct+KNN", "NAN+ReAct+SSD",
-)
-#: Methods that need no labels and no classifier head (label-free setting, paper section 4).
-LABEL_FREE_METHODS = (
-    "FeatureNorm", "NAN", "KNN", "SSD", "NAN+KNN", "NAN+SSD", "NAN+ReAct", "NAN+ReAct+KNN",
-    "NAN+ReAct+SSD",
-)
-
-
-def _check_set(name, feats, logits, dim):
-    feats = np.asarray(feats)
-    if feats.ndim != 2 or feats.shape[0] == 0:
-        raise ValueError(f"{name}: features must be a non-empty (n, D) array, got shape {feats.shape}")
-    if feats.shape[1] != dim:
-        raise ValueError(f"{name}: features have dimension {feats.shape[1]}, expected {dim}")
-    if not np.all(np.isfinite(feats)):
-        raise ValueError(f"{name}: features contain NaN or inf")
-    if logits is not None:
-        logits = np.asarray(logits)
-        if logits.ndim != 2 or logits.shape[0] != feats.shape[0]:
-            raise ValueError(f"{name}: logits must be ({feats.shape[0]}, K), got shape {logits.shape}")
-        if not np.all(np.isfinite(logits)):
-            raise ValueError(f"{name}: logits contain NaN or inf (a diverged model?)")
-    return feats.astype(np.float32), None if logits is None else logits.astype(np.float32)
-
-
-def ood_method_scores(
-    key: jax.Array,
-    train_features,
-    eval_sets: Mapping[str, tuple],
-    *,
-    train_labels=None,
-    num_classes: int | None = None,
-    methods: Sequence[str] | None = None,
-    knn_k: int = 50,
-    ssd_clusters: int = 1,
-    react_percentile: float = 90.0,
-) -> dict[str, dict[str, np.ndarray]]:
-    """Every OOD score of :data:`OOD_METHODS` on several sets (higher = in-distribution).
-
-    Built on :mod:`tailedcore_jax.ood`. The bank / statistics are fitted on the ID training
-    features: KNN bank (all training features), SSD (``ssd_clusters``-means, shared
-    covariance), Mahalanobis (class means, tied covariance; needs ``train_labels``) and the
-    ReAct clip value (``react_percentile`` of the training activations; OpenOOD uses an ID
-    validation split). ``NAN+ReAct+KNN/SSD`` divide the unclipped distance by NAN of the
-    clipped features (nan-spec 2.5, most plausible reading). Combination scores are ``-inf``
-    for rows with no active unit (:func:`tailedcore_jax.ood.combine_distance_nan`).
-
-    Args:
-        key: PRNG key (SSD's k-means initialisation).
-        train_features: ``(N, D)`` pooled ID training features.
-        eval_sets: ``{name: (features (n, D), logits (n, K) or None)}``; the ID test set is
-            one of them.
-        train_labels: ``(N,)`` labels (Mahalanobis only).
-        num_classes: classes (Mahalanobis only).
-        methods: subset of :data:`OOD_METHODS`; default all that the inputs allow
-            (logit scores need logits in every set, Mahalanobis needs labels).
-        knn_k: KNN neighbour rank, clipped to ``N`` (OpenOOD / Sun et al. default 50).
-        ssd_clusters: SSD clusters. react_percentile: ReAct percentile.
-
-    Returns:
-        ``{method: {set name: (n,) float32 scores}}``.
-
-    Raises:
-        ValueError: empty sets, NaN/inf features or logits, inconsistent shapes, an unknown
-            method, a method whose inputs are missing.
-    """
-    tr = np.asarray(train_features)
-    if tr.ndim != 2 or tr.shape[0] == 0:
-        raise ValueError(f"train_features must be a non-empty (N, D) array, got shape {tr.shape}")
-    if not np.all(np.isfinite(tr)):
-        raise ValueError("train_features contain NaN or inf")
-    if not eval_sets:
-        raise ValueError("eval_sets is empty")
-    dim = tr.shape[1]
-    sets = {name: _check_set(name, f, lg, dim) for name, (f, lg) in eval_sets.items()}
-    has_logits = all(lg is not None for _, lg in sets.values())
-    has_labels = train_labels is not None and num_classes is not None
-    if methods is None:
-        methods = [m for m in OOD_METHODS
-                   if (m in LABEL_FREE_METHODS or has_logits) and (m != "Mahalanobis" or has_labels)]
-    for m in methods:
-        if m not in OOD_METHODS:
-            raise ValueError(f"unknown method {m!r}; known: {', '.join(OOD_METHODS)}")
-        if m not in LABEL_FREE_METHODS and m != "Mahalanobis" and not has_logits:
-            raise ValueError(f"method {m} needs logits for every set")
-        if m == "Mahalanobis" and not has_labels:
-            raise ValueError("method Mahalanobis needs train_labels and num_classes")
-    tr = jnp.asarray(tr, jnp.float32)
-    k = max(1, min(int(knn_k), tr.shape[0]))
-    need = set(methods)
-    ssd = _ood.ssd_fit(key, tr, num_clusters=ssd_clusters) if need & {"SSD", "NAN+SSD", "NAN+ReAct+SSD"} else None
-    maha = (_ood.mahalanobis_fit(tr, jnp.asarray(train_labels), num_classes=int(num_classes))
-            if "Mahalanobis" in need else None)
-    react_c = _ood.react_threshold(tr, percentile=react_percentile) if any("ReAct" in m for m in need) else None
-
-    out: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
-    for name, (f, lg) in sets.items():
-        per_set = _set_scores(methods, jnp.asarray(f), lg, tr, k=k, ssd=ssd, maha=maha, react_c=react_c)
-        for m in methods:
-            out[m][name] = per_set[m]
-    return out
-
-
-def _set_scores(methods, f, lg, bank, *, k, ssd, maha, react_c) -> dict[str, np.ndarray]:
-    """Scores of one evaluation set; KNN/SSD distances and NAN computed once and shared."""
-    cache = {}
-
-    def get(name, fn):
-        if name not in cache:
-            cache[name] = fn()
-        return cache[name]
-
-    def knn_d():
-        return get("knn", lambda: _ood.knn_ood_distance(f, bank, k=k))
-
-    def ssd_d():
-        return get("ssd", lambda: _ood.ssd_distance(ssd, f))
-
-    def nan():
-        return get("nan", lambda: _ood.negative_aware_norm(f))
-
-    def nan_react():
-        return get("nan_react", lambda: _ood.nan_react_score(f, react_c))
-
-    fns = {
-        "MSP": lambda: _ood.msp(lg),
-        "Energy": lambda: _ood.energy(lg),
-        "MaxLogit": lambda: _ood.max_logit(lg),
-        "KL": lambda: _ood.kl_uniform(lg),
-        "Mahalanobis": lambda: _ood.mahalanobis_score(maha, f),
-        "FeatureNorm": lambda: _ood.feature_norm(f, ord=1),
-        "NAN": nan,
-        "KNN": lambda: -knn_d(),
-        "SSD": lambda: -ssd_d(),
-        "NAN+KNN": lambda: _ood.combine_distance_nan(knn_d(), nan()),
-        "NAN+SSD": lambda: _ood.combine_distance_nan(ssd_d(), nan()),
-        "NAN+ReAct": nan_react,
-        "NAN+ReAct+KNN": lambda: _ood.combine_distance_nan(knn_d(), nan_react()),
-        "NAN+ReAct+SSD": lambda: _ood.combine_distance_nan(ssd_d(), nan_react()),
-    }
-    return {m: np.asarray(fns[m](), np.float32) for m in methods}
-
-
-def _rank_safe(id_s: np.ndarray, ood_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Replace -inf (combination scores of all-inactive rows) by a value below every finite
-    score: the ranking, hence AUROC and FPR, is unchanged, and the metrics accept it."""
-    both = np.concatenate([id_s, ood_s])
-    if np.isnan(both).any():
-        raise ValueError("scores contain NaN")
-    if np.isposinf(both).any():
-        raise ValueError("scores contain +inf")
-    if np.isneginf(both).any():
-        finite = both[np.isfinite(both)]
-        low = (finite.min() - 1.0) if finite.size else 0.0
-        id_s = np.where(np.isneginf(id_s), low, id_s)
-        ood_s = np.where(np.isneginf(ood_s), low, ood_s)
-    return id_s.astype(np.float32), ood_s.astype(np.float32)
-
-
-def ood_metrics(
-    scores: Mapping[str, Mapping[str, np.ndarray]], id_name: str, *, tpr: float = 0.95
-) -> dict[str, dict[str, dict[str, float]]]:
-    """AUROC and FPR@``tpr`` (ID positive, nan-spec section 5) of every method on every OOD set.
-
-    Args:
-        scores: output of :func:`ood_method_scores`.
-        id_name: the key of the ID test set in each ``scores[method]``.
-        tpr: ID true-positive rate of the FPR (0.95 = FPR95).
-
-    Returns:
-        ``{method: {ood set | "average": {"auroc": %, "fpr": %}}}`` in percent; ``average``
-        is the plain mean over the OOD sets (as in the paper's tables).
-
-    Raises:
-        ValueError: ``id_name`` missing, no OOD set, NaN/+inf scores.
-    """
-    out = {}
-    for method, per_set in scores.items():
-        if id_name not in per_set:
-            raise ValueError(f"method {method}: no scores for the ID set {id_name!r}")
-        ood_names = [n for n in per_set if n != id_name]
-        if not ood_names:
-            raise ValueError("no OOD set to evaluate")
-        rows = {}
-        for n in ood_names:
-            i_s, o_s = _rank_safe(np.asarray(per_set[id_name]), np.asarray(per_set[n]))
-            labels = np.concatenate([np.ones(i_s.size, np.int32), np.zeros(o_s.size, np.int32)])
-            a = float(auroc(jnp.asarray(np.concatenate([i_s, o_s])), jnp.asarray(labels)))
-            f = float(fpr_at_tpr(jnp.asarray(i_s), jnp.asarray(o_s), tpr))
-            rows[n] = {"auroc": 100.0 * a, "fpr": 100.0 * f}
-        rows["average"] = {
-            "auroc": float(np.mean([rows[n]["auroc"] for n in ood_names])),
-            "fpr": float(np.mean([rows[n]["fpr"] for n in ood_names])),
-        }
-        out[method] = rows
-    return out
+    train_main()

@@ -1,0 +1,1 @@
+"""NAN (negative-aware norm) OOD benchmark (``python -m experiments.nan_ood``)."""

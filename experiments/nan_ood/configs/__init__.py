@@ -1,0 +1,1 @@
+"""Recipes of ``python -m experiments.nan_ood``: ``--config <module name>``."""

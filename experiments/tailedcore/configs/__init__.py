@@ -1,0 +1,1 @@
+"""Recipes of ``python -m experiments.tailedcore``: ``--config <module name>``."""
