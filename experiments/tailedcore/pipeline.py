@@ -8,9 +8,10 @@ TailedCore (one memory bank over all classes, as the official code), score the t
 evaluate image AUROC, pixel AUROC and AUPRO per class plus the C_t / C_h / all means of the
 paper (TailedCore, CVPR 2025, Tables 1-4).
 
-Features and memory banks are cached with :mod:`tailedcore_jax.checkpoint` under
-``<out>/cache``, keyed by the configuration fields they depend on, so an interrupted run
-resumes without recomputing them.
+Features and memory banks are cached under ``<out>/cache`` (:mod:`experiments.cache`): each
+entry records the config fields, the library version and sources, the data files (size and
+modification time) and the weights and manifests (content hash) it was computed from, so an
+interrupted run resumes and a changed input is recomputed, with the reason logged.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from experiments.cache import cached, fingerprint
 from experiments.common import jax_banner
 from experiments.tailedcore.config import BANK_FIELDS, FEATURE_FIELDS, TailedCoreConfig
-from tailedcore_jax import augment, checkpoint, memory, metrics
+from tailedcore_jax import augment, memory, metrics
 from tailedcore_jax.anomaly_map import anomaly_maps
 from tailedcore_jax.features import make_feature_extractor
 from tailedcore_jax.ood import negative_aware_norm
@@ -63,6 +65,8 @@ class DataSplit:
     load_train: Callable[[np.ndarray, bool], np.ndarray]
     load_test: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     description: str
+    files: tuple[str, ...] = ()
+    manifest_files: tuple[str, ...] = ()
 
     @property
     def is_tail_class(self) -> np.ndarray:
@@ -107,22 +111,25 @@ def _real_records(cfg: TailedCoreConfig):
     else:
         train, test = mvtec.mvtec_records(root, "train"), mvtec.mvtec_records(root, "test")
         mask_values = "nonzero" if cfg.dataset == "visa" else "binary"
+    manifest_files = ()
     if cfg.manifest_dir:
         name = "visa-nlt" if cfg.dataset == "visa" else "mvtecad-nlt"
         man = longtail.read_manifest(cfg.manifest_dir, name, cfg.setting, cfg.seed)
         split = longtail.apply_manifest(man, train, test)
         how = f"official manifest {name}/{cfg.setting}/seed{cfg.seed:02d}"
+        d = longtail.manifest_dir(cfg.manifest_dir, name, cfg.setting, cfg.seed)
+        manifest_files = tuple(str(d / f) for f in ("prune_good.txt", "inject_defects.txt"))
     else:
         split = longtail.longtail_split(train, test, cfg.setting, seed=cfg.seed,
                                         noise_ratio=cfg.noise_ratio)
         how = f"seeded split ({cfg.setting}, seed {cfg.seed}, noise {cfg.noise_ratio})"
-    return split, test, mask_values, f"{cfg.dataset} at {root}, {how}"
+    return split, test, mask_values, f"{cfg.dataset} at {root}, {how}", manifest_files
 
 
 def _real_split(cfg: TailedCoreConfig) -> DataSplit:
     from tailedcore_jax.data import longtail, mvtec
 
-    split, test, mask_values, description = _real_records(cfg)
+    split, test, mask_values, description, manifest_files = _real_records(cfg)
     names, train_cls = longtail.class_ids(split.train)
     name_to_id = {n: i for i, n in enumerate(names)}
     train_records = list(split.train)
@@ -148,6 +155,9 @@ def _real_split(cfg: TailedCoreConfig) -> DataSplit:
         load_train=load_train,
         load_test=load_test,
         description=description,
+        files=tuple(p for r in list(train_records) + list(test) for p in (r.path, r.mask_path)
+                    if p is not None),
+        manifest_files=manifest_files,
     )
 
 
@@ -214,31 +224,30 @@ def _extract(fn, load: Callable[[np.ndarray], np.ndarray], n: int, batch_size: i
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _cached(path: Path, compute: Callable[[], Any], log=print):
-    """Restore ``path`` if it holds a complete checkpoint, else compute and save."""
-    if checkpoint.exists(path):
-        log(f"  resumed from cache {path}")
-        return checkpoint.restore(path)
-    value = compute()
-    checkpoint.save(path, value, overwrite=True)
-    return value
+def _inputs(cfg: TailedCoreConfig, split: DataSplit, fields: tuple[str, ...]) -> dict:
+    """What a cached value depends on: config fields, library, data files, weights, manifests."""
+    hashed = {"weights": cfg.weights}
+    hashed.update({f"manifest {Path(p).name}": p for p in split.manifest_files})
+    return fingerprint({f: getattr(cfg, f) for f in fields}, data_files=split.files,
+                       hashed_files=hashed)
 
 
 def extract_features(cfg: TailedCoreConfig, split: DataSplit, extractor, cache: Path,
                      log=print) -> tuple[dict, dict]:
     """Train and test ``{"patches", "embedding"}`` features, cached under ``cache``."""
     key = cfg.cache_key(*FEATURE_FIELDS)
+    inputs = _inputs(cfg, split, FEATURE_FIELDS)
     n_train, n_test = len(split.train_class), len(split.test_class)
-    train = _cached(cache / f"train_features_{key}", lambda: _extract(
+    train = cached(cache / f"train_features_{key}", lambda: _extract(
         extractor, lambda i: split.load_train(i, True), n_train, cfg.batch_size, "train features"),
-        log=log)
+        inputs, log=log)
 
     def test_features():
         feats = _extract(extractor, lambda i: split.load_test(i)[0], n_test, cfg.batch_size,
                          "test features")
         return {"patches": feats["patches"], "embedding": feats["embedding"]}
 
-    test = _cached(cache / f"test_features_{key}", test_features, log=log)
+    test = cached(cache / f"test_features_{key}", test_features, inputs, log=log)
     return train, test
 
 
@@ -309,6 +318,7 @@ def fit_banks(cfg: TailedCoreConfig, split: DataSplit, extractor, patches, emb, 
     timings = {} if timings is None else timings
     key = jax.random.key(cfg.fit_seed)
     bank_key = cfg.cache_key(*BANK_FIELDS)
+    inputs = _inputs(cfg, split, BANK_FIELDS)
 
     def augmented():
         if cfg.augmentation == "none" or not tail.any():
@@ -318,16 +328,12 @@ def fit_banks(cfg: TailedCoreConfig, split: DataSplit, extractor, patches, emb, 
     banks: dict[str, memory.MemoryBank] = {}
     for m_i, method in enumerate(cfg.methods):
         t = time.perf_counter()
-        path = cache / f"bank_{bank_key}_{method}"
-        if checkpoint.exists(path):
-            raw = checkpoint.restore(path)
-            banks[method] = memory.MemoryBank(**{f: raw.get(f) for f in memory.MemoryBank._fields})
-            log(f"  {method}: memory bank resumed from {path}")
-        else:
-            k = jax.random.fold_in(key, m_i)
-            banks[method] = jax.block_until_ready(_fit(method, k, cfg, patches, emb, tail,
-                                                       augmented))
-            checkpoint.save(path, banks[method], overwrite=True)
+        k = jax.random.fold_in(key, m_i)
+        raw = cached(cache / f"bank_{bank_key}_{method}", lambda: jax.block_until_ready(
+            _fit(method, k, cfg, patches, emb, tail, augmented)), inputs, log=log)
+        if not isinstance(raw, memory.MemoryBank):  # restored from a checkpoint: a mapping
+            raw = memory.MemoryBank(**{f: raw.get(f) for f in memory.MemoryBank._fields})
+        banks[method] = raw
         timings[f"fit_{method}_s"] = time.perf_counter() - t
         log(f"{method}: memory bank {int(np.asarray(banks[method].mask).sum())} rows "
             f"({timings[f'fit_{method}_s']:.1f} s)")
