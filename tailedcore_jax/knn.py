@@ -9,9 +9,11 @@ back to end at the last row (its rows already covered are masked), so nothing is
 copied. With ``mesh=`` the same blocks are dealt out to the devices, every device runs the
 same scan over its blocks, and the per-device candidates are merged with the same rule.
 
-Rows are ranked by the half-norm key ``r = |b|^2 / 2 - q.b`` (one GEMM per block), and
-``|q|^2 + 2 r`` is formed for the selected neighbours only, clamped at 0. The expansion loses
-about ``eps_f32 * (|q|^2 + |b|^2)`` absolute accuracy against the direct difference.
+Rows are ranked by the half-norm key ``r = |b|^2 / 2 - q.b`` (one GEMM per block); the
+distances of the selected rows are then computed directly, ``sum((q - b)^2)`` in a fixed
+order. The expansion only decides the ranking: its absolute error ``~eps_f32 (|q|^2 + |b|^2)``
+can be most of a small distance between patches far from the origin (faiss ``IndexFlatL2``
+reports that error in its distances; this search does not).
 
 Ties: equal keys are ordered by ascending bank index (as a stable ``np.argsort``). Rows at the
 same true distance can get keys that differ in the last bit, so for near-duplicates only the
@@ -35,6 +37,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from tailedcore_jax import _validation as V
 from tailedcore_jax import sharding
+from tailedcore_jax._numerics import pairwise_sum
 
 __all__ = ["NeighborResult", "nearest_neighbors", "pairwise_sq_distances", "sq_norms"]
 
@@ -135,12 +138,14 @@ def nearest_neighbors(
         bank_mask: ``(n,)`` bool, True = valid. Masked rows (any finite values) are never
             returned: the result is that of ``bank[bank_mask]`` with indices mapped back.
         query_chunk, bank_chunk: rows per block (static; need not divide ``m`` / ``n``).
-        precision: matmul precision of ``q.b``; ``HIGHEST`` is exact float32 on every backend.
+        precision: matmul precision of the ranking ``q.b``; ``HIGHEST`` is exact float32 on
+            every backend.
         bank_sq_norms: optional ``sq_norms(bank)`` (not checked against ``bank``).
         mesh: optional :class:`jax.sharding.Mesh`: the bank blocks are dealt out over its
             devices (queries replicated) and the result equals the single-device call bit for
-            bit when both get the same ``bank_sq_norms`` (norms computed in two XLA programs
-            may differ by an ulp). Not under ``vmap``.
+            bit (with norms computed in two XLA programs an exact near-tie of keys could
+            order differently; pass the same ``bank_sq_norms`` to exclude that). Not under
+            ``vmap``.
         axis_name: mesh axis (or axes) to split over; None = all.
 
     Returns:
@@ -286,13 +291,19 @@ def _scan_blocks(q, block, num_blocks: int, *, k: int, precision, loop: bool):
     best_r, best_i = best
     if k == 1:
         best_r, best_i = best_r[:, None], best_i[:, None]
-    return best_r, best_i, jnp.sum(q * q, axis=1, keepdims=True)
+    return best_r, best_i
 
 
-def _distances(best_r, best_i, qq):
-    """``|q|^2 + 2 r``, clamped at 0; slots without a valid row become ``(inf, -1)``."""
+def _distances(q, bank, best_r, best_i):
+    """``sum((q - b)^2)`` of the selected rows (fixed-order sum); empty slots ``(inf, -1)``.
+
+    The expansion only ranks: its absolute error ``~eps (|q|^2 + |b|^2)`` can be most of a
+    small distance (patches far from the origin), while the direct difference is accurate to
+    ``~eps log2(d)`` relative, and exactly 0 for a copy of a bank row.
+    """
     found = best_r < jnp.inf
-    sq = jnp.maximum(qq + 2.0 * best_r, 0.0)  # clamp: cancellation in the expansion
+    rows = jnp.take(bank, jnp.maximum(best_i, 0), axis=0)  # (m, k, d)
+    sq = pairwise_sum((q[:, None, :] - rows) ** 2)
     return jnp.where(found, sq, jnp.inf), jnp.where(found, best_i, -1)
 
 
@@ -342,8 +353,9 @@ def _nearest_neighbors(queries, bank, bank_mask, bank_sq, *, k, query_chunk, ban
         return jax.lax.dynamic_slice_in_dim(bank, begin, b_rows, axis=0), h, begin
 
     def one_query_block(q):
-        return _distances(*_scan_blocks(q, block, n_bblocks, k=k, precision=precision,
-                                        loop=n_bblocks > 1))
+        best_r, best_i = _scan_blocks(q, block, n_bblocks, k=k, precision=precision,
+                                      loop=n_bblocks > 1)
+        return _distances(q, bank, best_r, best_i)
 
     sq, idx = _map_query_blocks(one_query_block, queries, query_chunk)
     m = queries.shape[0]
@@ -377,14 +389,14 @@ def _nearest_neighbors_mesh(queries, bank, bank_mask, bank_sq, *, mesh, axes, k,
     blocks = sharding.place(blocks, mesh, P(spec, None, None))
     hs = sharding.place(hs, mesh, P(spec, None))
     begins = sharding.place(begins, mesh, P(spec))
-    return _knn_over_shards(queries, blocks, hs, begins, mesh=mesh, axes=axes, k=k,
+    return _knn_over_shards(queries, bank, blocks, hs, begins, mesh=mesh, axes=axes, k=k,
                             query_chunk=query_chunk, precision=precision,
                             num_blocks_one_device=n_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axes", "k", "query_chunk", "precision",
                                              "num_blocks_one_device"))
-def _knn_over_shards(queries, blocks, hs, begins, *, mesh, axes, k, query_chunk, precision,
+def _knn_over_shards(queries, bank, blocks, hs, begins, *, mesh, axes, k, query_chunk, precision,
                      num_blocks_one_device):
     spec = sharding.split_spec(axes)
 
@@ -396,9 +408,9 @@ def _knn_over_shards(queries, blocks, hs, begins, *, mesh, axes, k, query_chunk,
         return jax.tree.map(lambda a: a[None], _map_query_blocks(one_query_block, q_all,
                                                                  query_chunk))
 
-    r, idx, qq = sharding.shard_map(
+    r, idx = sharding.shard_map(
         local, mesh=mesh, in_specs=(P(), P(spec, None, None), P(spec, None), P(spec)),
-        out_specs=(P(spec), P(spec), P(spec)), check_vma=False,
+        out_specs=(P(spec), P(spec)), check_vma=False,
     )(queries, blocks, hs, begins)
     # (shards, query blocks, q_rows, k), shards in block order: fold them with the merge rule.
     rows = r.shape[1] * r.shape[2]
@@ -406,10 +418,9 @@ def _knn_over_shards(queries, blocks, hs, begins, *, mesh, axes, k, query_chunk,
     best = _empty_best(rows, k, r.dtype)
     for s in range(r.shape[0]):
         best = _merge(best, r[s].reshape(flat), idx[s].reshape(flat), k=k)
-    best_r, best_i = (b.reshape(r.shape[1:]) for b in best)
-    sq, best_i = _distances(best_r, best_i, qq[0])
     m = queries.shape[0]
-    return NeighborResult(_unblock(sq, m), _unblock(best_i, m))
+    best_r, best_i = (_unblock(b.reshape(r.shape[1:]), m) for b in best)
+    return NeighborResult(*_distances(queries, bank, best_r, best_i))
 
 
 def _compute_dtype(*arrays):

@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from tailedcore_jax import _validation as V
+from tailedcore_jax._numerics import pairwise_sum
 from tailedcore_jax import sharding
 
 __all__ = ["local_outlier_factor", "lof_filter_mask", "patchwise_lof"]
@@ -136,23 +137,6 @@ def _shortlist(
     return jnp.where(out < n, out, -1), approx
 
 
-def _pairwise_sum(v: Float[Array, "... d"]) -> Float[Array, "..."]:
-    """Sum over the last axis in a fixed pairwise order (zero-padded to a power of two).
-
-    ``jnp.sum`` lets XLA pick the association order per shape, so the same row could round
-    differently in a chunk of 4 positions and in a chunk of 1; this keeps `patchwise_lof`
-    bit-identical for every ``position_chunk`` and hence for the sharded version.
-    """
-    d = v.shape[-1]
-    width = 1 << max(0, (d - 1).bit_length())
-    if width != d:
-        v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - d)])
-    while v.shape[-1] > 1:
-        half = v.shape[-1] // 2
-        v = v[..., :half] + v[..., half:]
-    return v[..., 0]
-
-
 def _two_sum(a, b):
     """Knuth's error-free sum: ``a + b == s + e`` exactly (no fast-math reassociation in XLA)."""
     s = a + b
@@ -237,7 +221,7 @@ def _neighbors(x: Float[Array, "n d"], mask: Bool[Array, " n"], *, k: int):
     valid = idx >= 0
     idx = jnp.maximum(idx, 0)
     # ... get exact-formula distances and are re-ranked by them.
-    sq = _pairwise_sum((xf[:, None, :] - xf[idx]) ** 2)
+    sq = pairwise_sum((xf[:, None, :] - xf[idx]) ** 2)
     sq, idx = _take_smallest(jnp.where(valid, sq, jnp.inf), idx, keep)
     return xf, sq, idx
 
@@ -310,9 +294,9 @@ def _lof_from_neighbors(sq, idx, mask, *, k: int):
     # sklearn: reach_dist(a, b) = max(d(a, b), k_distance(b)); lrd = 1 / (mean + 1e-10).
     k_distance = dist[:, k - 1]
     reach = jnp.maximum(dist, k_distance[idx])
-    # Fixed-order means (see `_pairwise_sum`): results do not depend on the batch shape.
-    lrd = 1.0 / (_pairwise_sum(reach) / k + jnp.asarray(_LRD_EPS, dtype))
-    lof = _pairwise_sum(lrd[idx] / lrd[:, None]) / k
+    # Fixed-order means (`pairwise_sum`): results do not depend on the batch shape.
+    lrd = 1.0 / (pairwise_sum(reach) / k + jnp.asarray(_LRD_EPS, dtype))
+    lof = pairwise_sum(lrd[idx] / lrd[:, None]) / k
     # Under jit with fewer than k + 1 valid rows some "neighbours" are inf: report NaN.
     enough = jnp.sum(mask) >= k + 1
     lof = jnp.where(enough, lof, jnp.nan)

@@ -231,6 +231,11 @@ def coreset_rows(
         cap = coreset_capacity(num_rows, ratio)
         return CoresetRows(jnp.zeros((cap, d), rows.dtype), jnp.zeros((cap,), bool),
                            jnp.zeros((cap,), jnp.int32))
+    if start_index is not None and V.is_concrete(start_index) and V.is_concrete(row_mask):
+        s = int(start_index)
+        if not (0 <= s < num_rows and bool(row_mask[s])):
+            raise ValueError(f"start_index {s} is not a candidate row (of {num_rows} rows, "
+                             f"{int(jnp.sum(row_mask))} candidates)")
     projection = None if projection is None else jnp.asarray(projection)
     static = dict(ratio=ratio, projection_dim=projection_dim)
     if mesh is None:
@@ -459,6 +464,9 @@ def fit_tailedcore(
     position_chunk: int | None = None,
     projection: Float[Array, "D p"] | None = None,
     lof_projection: Float[Array, "D q"] | None = None,
+    start_index: int | Int[Array, ""] | None = None,
+    tail_projection: Float[Array, "D p"] | None = None,
+    tail_start_index: int | Int[Array, ""] | None = None,
     mesh: Mesh | None = None,
 ) -> MemoryBank:
     """TailedCore: ``coreset_rows(tail_rows(...)) ++ denoised_coreset(all patches)``.
@@ -473,8 +481,14 @@ def fit_tailedcore(
 
     Args:
         key, patch_features, ratio, lof_k, lof_drop, mask, projection_dim,
-            lof_projection_dim, position_chunk, projection, lof_projection, mesh: as
-            :func:`fit_softpatch` (the explicit ``projection`` serves both branches).
+            lof_projection_dim, position_chunk, lof_projection, mesh: as
+            :func:`fit_softpatch`.
+        projection, start_index: explicit head-coreset draws (``start_index`` is a row of the
+            flattened ``(N P, D)`` patches, so it must survive the LOF filter).
+        tail_projection, tail_start_index: explicit tail-coreset draws (a row of
+            :func:`tail_rows`' output); ``tail_projection`` defaults to ``projection``.
+            With every draw given (and ``tail_mask``) the fit uses no randomness of ``key``:
+            the official run's draws can be injected (``docs/fidelity.md``).
         embeddings: ``(N, E)`` image embeddings for the TailSampler.
         tail_mask, augmented_tail_features, augmented_mask, max_tail_images: as
             :func:`tail_rows`.
@@ -501,12 +515,13 @@ def fit_tailedcore(
                                augmented_tail_features=augmented_tail_features,
                                augmented_mask=augmented_mask, max_tail_images=max_tail_images)
     tail = coreset_rows(key_tail, rows, row_mask, ratio=ratio, projection_dim=projection_dim,
-                        projection=projection, allow_empty=True, mesh=mesh)
+                        projection=projection if tail_projection is None else tail_projection,
+                        start_index=tail_start_index, allow_empty=True, mesh=mesh)
     head, _ = _denoise(
         key_lof, key_head, feats, image_mask, ratio=ratio, lof_k=lof_k, lof_drop=lof_drop,
         projection_dim=projection_dim, lof_projection_dim=lof_projection_dim,
         position_chunk=position_chunk, projection=projection, lof_projection=lof_projection,
-        start_index=None, mesh=mesh)
+        start_index=start_index, mesh=mesh)
     return MemoryBank(jnp.concatenate([tail.features, head.features]),
                       jnp.concatenate([tail.valid, head.valid]), None,
                       jnp.concatenate([jnp.ones_like(tail.valid), jnp.zeros_like(head.valid)]))

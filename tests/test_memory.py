@@ -227,3 +227,37 @@ def test_nan_normalized_scores(rng):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     with pytest.raises(ValueError, match="must both be"):
         memory.nan_normalized_scores(s, nan[:3])
+
+
+def test_fit_tailedcore_with_injected_draws_uses_no_key_randomness(rng):
+    """Every draw given (LOF projection, head and tail projections and starts, tail mask): the
+    key does not matter, and each branch is the numpy greedy from the injected start."""
+    f = _feats(rng, n=14)
+    emb = rng.normal(size=(14, 16)).astype(np.float32)
+    tail = np.zeros(14, bool)
+    tail[[2, 11]] = True
+    aug = rng.normal(size=(3, 6, 8)).astype(np.float32)
+    proj, tproj = (rng.normal(size=(8, 4)).astype(np.float32) for _ in range(2))
+    lproj = rng.normal(size=(8, 5)).astype(np.float32)
+    _, keep = _oracle_lof_keep(f, lproj)
+    head_start = int(np.flatnonzero(keep.reshape(-1))[7])
+    draws = dict(projection=proj, lof_projection=lproj, start_index=head_start,
+                 tail_projection=tproj, tail_start_index=5, tail_mask=tail,
+                 augmented_tail_features=aug, ratio=0.2)
+    a = memory.fit_tailedcore(jax.random.key(1), f, emb, **draws)
+    b = memory.fit_tailedcore(jax.random.key(2), f, emb, **draws)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    is_tail, valid, feats = (np.asarray(v) for v in (a.is_tail, a.mask, a.features))
+    tail_rows = np.concatenate([f[tail].reshape(-1, 8), aug.reshape(-1, 8)])
+    want = tail_rows[ref_coreset.greedy_coreset(ref_coreset.project(tail_rows, tproj),
+                                                ref_coreset.ratio_count(len(tail_rows), 0.2), 5)]
+    np.testing.assert_array_equal(feats[is_tail & valid], want)
+    rows = f.reshape(-1, 8)
+    head = ref_coreset.greedy_coreset(ref_coreset.project(rows, proj),
+                                      ref_coreset.ratio_count(int(keep.sum()), 0.2), head_start,
+                                      mask=keep.reshape(-1))
+    np.testing.assert_array_equal(feats[~is_tail & valid], rows[head])
+    with pytest.raises(ValueError, match="not a candidate row"):
+        memory.fit_tailedcore(jax.random.key(1), f, emb, **dict(
+            draws, start_index=int(np.flatnonzero(~keep.reshape(-1))[0])))
