@@ -97,7 +97,7 @@ def test_dyadic_similarity_is_exact(dyadic):
 @pytest.mark.parametrize("n", [2, 3, 8, 50, 97, 512, 1000, 4096, 5000])
 def test_half_angle_boundary_static_equals_numpy(n):
     k0 = np.arange(-n, n + 1)
-    want = C._numpy_boundary(n, k0)
+    want = R.half_angle_boundary(n, k0)  # the official NumPy float32 arithmetic, per k0
     got = jax.jit(lambda k: C._half_angle_boundary(jnp.int32(n), k, n_lo=n, n_hi=n, capacity=n))(
         jnp.asarray(k0, jnp.int32)
     )
@@ -113,7 +113,7 @@ def test_half_angle_exact_ties_are_numpy_decided():
     n = 50
     assert 2 * 40**2 == n * (n + 14)
     k0 = np.array([14])
-    np_boundary = int(C._numpy_boundary(n, k0)[0])
+    np_boundary = int(R.half_angle_boundary(n, k0)[0])
     assert np_boundary in (40, 41)  # NumPy's float32 rounding decides whether 0.8 > h
     got = C._half_angle_boundary(
         jnp.int32(n), jnp.asarray(k0, jnp.int32), n_lo=n, n_hi=n, capacity=n
@@ -132,7 +132,7 @@ def test_half_angle_boundary_masked_all_counts():
     got = np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(n_all, jnp.int32)))
     for row, n in zip(got, n_all):
         k0 = np.clip(np.arange(-cap, cap + 1), -n, n)
-        np.testing.assert_array_equal(row, C._numpy_boundary(int(n), k0))
+        np.testing.assert_array_equal(row, R.half_angle_boundary(int(n), k0))
 
 
 # --------------------------------------------------------------------------------------
@@ -276,6 +276,11 @@ def test_group_rounds_half_to_even():
     cs = np.array([2.5, 2.5, 3.5, 3.5, 1.0, 1.0, 1.0], np.float32)
     groups, gmask = C.group_class_sizes(cs)
     np.testing.assert_array_equal(np.asarray(groups)[: int(gmask.sum())], R.group(cs))
+    # Six sizes of 2.5: half to even (torch.round) gives 2 -> groups [2, 2, 2]; half up would
+    # give 3 -> [3, 3].
+    groups, gmask = C.group_class_sizes(np.full(6, 2.5, np.float32))
+    np.testing.assert_array_equal(np.asarray(groups)[: int(gmask.sum())], [2, 2, 2])
+    np.testing.assert_array_equal(R.group(np.full(6, 2.5, np.float32)), [2, 2, 2])
 
 
 def test_elbow_percentile_kstar_match_reference(rng):

@@ -1,8 +1,9 @@
-"""Plain-NumPy oracle for ``tailedcore_jax.class_size`` / ``tailedcore_jax.tailsampler``.
+"""Plain-NumPy oracle for ``tailedcore_jax.tailsampler``.
 
 A straightforward, loop-based port of the official TailSampler
-(``AdaptiveTailSampler('trim_min', 'mode')`` in jungyg/TailedCore), written from
-tailedcore-spec.md sections 3.2-3.4 with the official dtypes:
+(``AdaptiveTailSampler('trim_min', 'mode')`` in jungyg/TailedCore: ``_compute_th_trim_min``,
+``predict_adaptive_class_sizes``, ``predict_num_samples_per_class``, ``elbow``, the
+percentile rule), written with the official dtypes:
 
 * the similarity, quantisation and thresholds in NumPy float32 (one row at a time, the
   half-angle ``np.cos(np.arccos(m) / 2)`` on a NumPy float32 scalar, as the official code);
@@ -33,6 +34,21 @@ def cosine_similarity(embeddings):
     norms = np.sqrt(np.sum(x * x, axis=1, keepdims=True, dtype=np.float32))
     x = x / np.maximum(norms, np.float32(1e-12))
     return (x @ x.T).astype(np.float32)
+
+
+def half_angle_boundary(n, k0):
+    """First grid index ``k`` in ``-n..n`` with ``f32(k) / n > cos(arccos(f32(k0) / n) / 2)``,
+    evaluated as the official code does (NumPy float32 scalars), one ``k0`` at a time;
+    ``n + 1`` when no grid value exceeds the half angle."""
+    grid = np.array([np.float32(j) / np.float32(n) for j in range(-n, n + 1)], np.float32)
+    out = []
+    for k in np.atleast_1d(k0):
+        m = np.float32(k) / np.float32(n)
+        with np.errstate(invalid="ignore"):
+            h = np.cos(np.arccos(m) / np.float32(2))
+        above = grid > h
+        out.append(int(np.argmax(above)) - n if above.any() else n + 1)
+    return np.array(out, np.int64)
 
 
 def threshold_row(row, keep=0.85):
