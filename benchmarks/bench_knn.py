@@ -1,6 +1,6 @@
 """Benchmark: exact kNN scoring (PatchCore hot path) -- tailedcore_jax vs NumPy vs faiss-cpu.
 
-Setting (peers-and-performance.md section 5.2): ``784 * B`` query patches (B images of a
+Setting (the scoring shape of the paper scale): ``784 * B`` query patches (B images of a
 28 x 28 patch grid) against memory banks of 20k..100k rows, d = 1024, k = 1 and k = 9.
 
 Compared in the same process, on the same float32 data:

@@ -206,7 +206,7 @@ def test_class_sizes_mode_ties_and_unselected_column(rng):
 
 
 def test_spec_toy_values():
-    # tailedcore-spec 10.3 / 9.10: sizes 30 for 60 images, then 1 and 2.
+    # The official toy run (classes of 30, 30 and 2 images): sizes 30 for 60 images, then 1, 2.
     cs = np.array([30.0] * 60 + [1.0, 2.0], np.float32)
     groups, gmask = C.group_class_sizes(cs)
     ng = int(gmask.sum())

@@ -1,4 +1,4 @@
-"""Plain-numpy greedy k-center coreset, written from tailedcore-spec.md section 5.1.
+"""Plain-numpy greedy k-center coreset, written from the official sampler's description.
 
 The official loop (jungyg/TailedCore ``GreedyCoresetSampler._brute_compute_greedy_coreset_indices``):
 
