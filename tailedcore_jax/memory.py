@@ -459,6 +459,7 @@ def fit_tailedcore(
     max_tail_images: int | None = None,
     tail_keep: float = 0.85,
     tail_percentile: float = 0.15,
+    tail_similarity_rounding: str = "xla",
     projection_dim: int | None = 128,
     lof_projection_dim: int | None = 128,
     position_chunk: int | None = None,
@@ -492,7 +493,9 @@ def fit_tailedcore(
         embeddings: ``(N, E)`` image embeddings for the TailSampler.
         tail_mask, augmented_tail_features, augmented_mask, max_tail_images: as
             :func:`tail_rows`.
-        tail_keep, tail_percentile: TailSampler trim and tail fractions (0.85, 0.15).
+        tail_keep, tail_percentile, tail_similarity_rounding: TailSampler trim and tail
+            fractions (0.85, 0.15) and similarity rounding (see
+            :func:`~tailedcore_jax.tailsampler.tail_sample_mask`).
 
     Returns:
         :class:`MemoryBank` with ``is_tail``; an empty tail gives all-invalid tail rows.
@@ -508,7 +511,8 @@ def fit_tailedcore(
     key_lof, key_head, key_tail = jax.random.split(key, 3)
     if tail_mask is None:
         tail_mask, _ = tail_sample_mask(embeddings, keep=tail_keep, percentile=tail_percentile,
-                                        mask=image_mask)
+                                        mask=image_mask,
+                                        similarity_rounding=tail_similarity_rounding)
     tail_mask = jnp.asarray(tail_mask)
     V.check_mask("tail_mask", tail_mask, feats.shape[0])
     rows, row_mask = tail_rows(feats, tail_mask & image_mask,

@@ -42,6 +42,7 @@ from tailedcore_jax import _validation as V
 
 __all__ = [
     "MAX_IMAGES",
+    "SIMILARITY_ROUNDINGS",
     "TailSamplerStatistics",
     "cosine_similarity_matrix",
     "elbow",
@@ -194,7 +195,10 @@ def _check_groups_args(groups, mask, percentile=1.0):
             raise ValueError(f"the group sizes must sum to at most {MAX_IMAGES}")
 
 
-def _check_sampler_args(embeddings, keep, percentile, mask):
+def _check_sampler_args(embeddings, keep, percentile, mask, similarity_rounding):
+    if similarity_rounding not in SIMILARITY_ROUNDINGS:
+        raise ValueError(f"similarity_rounding must be one of {SIMILARITY_ROUNDINGS}, got "
+                         f"{similarity_rounding!r}")
     V.unit_fraction("keep", keep)
     V.unit_fraction("percentile", percentile)
     _check_embeddings_only(embeddings)
@@ -223,19 +227,56 @@ def _valid_and_count(mask, n: int):
 # ------------------------------------------------------------------------------ 1. similarity
 
 
-@_paper_step(_check_embeddings_only)
-def cosine_similarity_matrix(embeddings: Float[Array, "n d"]) -> Float[Array, "n n"]:
+SIMILARITY_ROUNDINGS = ("xla", "torch_cpu")
+#: torch-CPU's float32 ``vector_norm`` accumulates ``x**2`` in 8 lanes.
+_TORCH_NORM_LANES = 8
+#: MKL sgemm's K-block for ``X @ X.T`` on x86-64 (MKL 2024.2, measured).
+_MKL_KC = 192
+
+
+def _ieee_divide(a, b):
+    """``a / b`` with ``b`` broadcast to ``a``'s shape behind a barrier: XLA:CPU rewrites a
+    division by a broadcast value into a multiplication by its (rounded) reciprocal."""
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
+
+
+def _check_similarity_args(embeddings, rounding):
+    _check_embeddings_only(embeddings)
+    if rounding not in SIMILARITY_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {SIMILARITY_ROUNDINGS}, got {rounding!r}")
+
+
+@_paper_step(_check_similarity_args, static_argnames=("rounding",))
+def cosine_similarity_matrix(
+    embeddings: Float[Array, "n d"], *, rounding: str = "xla"
+) -> Float[Array, "n n"]:
     """``S = E_hat E_hat^T`` with ``E_hat = E / max(|E|_2, 1e-12)`` per row, float32.
 
     Port of ``class_size.compute_self_sim`` (``F.normalize`` then a float32 matmul; an
-    all-zero row gets similarity 0 to everything). ``precision=HIGHEST``: equal to torch's
-    float32 matmul to a few ulps.
+    all-zero row gets similarity 0 to everything). The TailSampler's later steps are
+    bit-exact given ``S``, so ``S``'s rounding decides whether the result is the official one:
+
+    * ``rounding="xla"``: an XLA matmul with ``precision=HIGHEST`` (fast; a few ulps from
+      torch, which can move a similarity across a ``1/N`` grid point and change a count);
+    * ``rounding="torch_cpu"``: torch-CPU's rounding, operation by operation (its 8-lane norm,
+      IEEE division, and MKL sgemm's FMA chains in K-blocks of 192), measured bit-equal to the
+      official torch 2.14 / MKL 2024.2 float32 ``S`` on x86-64 for ``N >= 12`` (MKL takes other
+      kernels below); ``D`` sequential ``N x N`` FMA sweeps (about 2.5 s at ``N = 1858,
+      D = 1024`` on 2 cores). Needs a backend that contracts ``a + b * c`` into an FMA (XLA:CPU
+      does; checked on first use).
 
     Raises:
-        ValueError: rank not 2; NaN/inf (concrete inputs). TypeError: non-floating input.
+        ValueError: rank not 2, NaN/inf (concrete inputs), an unknown ``rounding``, no FMA
+            contraction for ``"torch_cpu"``. TypeError: non-floating input.
     """
     x = jnp.asarray(embeddings, jnp.float32)
-    x = x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True)), NORMALIZE_EPS)
+    if rounding == "torch_cpu":
+        if not _fma_contracted():
+            raise ValueError('rounding="torch_cpu" needs a backend that contracts a + b * c '
+                             "into a fused multiply-add; this one does not")
+        return _mkl_gram(_torch_cpu_normalize(x))
+    norms = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+    x = _ieee_divide(x, jnp.maximum(norms, NORMALIZE_EPS))
     n = x.shape[0]
     if n < _SYMMETRIC_BLOCKS_MIN_ROWS:
         return jnp.dot(x, x.T, precision=_HIGHEST)
@@ -247,6 +288,58 @@ def cosine_similarity_matrix(embeddings: Float[Array, "n d"]) -> Float[Array, "n
         jnp.concatenate([upper[i, j] if j >= i else upper[j, i].T for j in range(_NUM_BLOCKS)],
                         axis=1)
         for i in range(_NUM_BLOCKS)], axis=0)
+
+
+def _torch_cpu_normalize(x):
+    """``F.normalize`` as torch-CPU rounds it: lane ``l`` of 8 sums ``x[:, 8 j + l]**2`` in
+    order (products rounded: no FMA), the lanes are added in order, then the ``D % 8`` tail one
+    by one; IEEE ``sqrt`` and division."""
+    n, d = x.shape
+    lanes = _TORCH_NORM_LANES
+    sq = jax.lax.optimization_barrier(x * x)  # keeps XLA from fusing the squares into FMAs
+    full = (d // lanes) * lanes
+    acc = jnp.zeros((n, lanes), jnp.float32)
+    if full:
+        chunks = jnp.transpose(sq[:, :full].reshape(n, full // lanes, lanes), (1, 0, 2))
+        acc, _ = jax.lax.scan(lambda a, c: (a + c, None), acc, chunks)
+    s = acc[:, 0]
+    for lane in range(1, lanes):
+        s = s + acc[:, lane]
+    for k in range(full, d):
+        s = s + sq[:, k]
+    return _ieee_divide(x, jnp.maximum(jnp.sqrt(s), jnp.float32(NORMALIZE_EPS))[:, None])
+
+
+def _mkl_k_blocks(d: int, kc: int = _MKL_KC) -> list[int]:
+    """MKL sgemm's K-blocks for inner dimension ``d`` (measured): one block up to ``kc``, two
+    equal halves up to ``2 kc`` (an odd last element alone), else blocks of ``kc``."""
+    if d <= kc:
+        return [d]
+    if d <= 2 * kc:
+        return [d // 2, d // 2] + ([1] if d % 2 else [])
+    return [kc] * (d // kc) + ([d % kc] if d % kc else [])
+
+
+def _mkl_gram(x):
+    """``x @ x.T`` as MKL rounds it: a float32 FMA chain along ``k`` inside each K-block, the
+    block sums added in order."""
+    n, d = x.shape
+    total, k0 = None, 0
+    for b in _mkl_k_blocks(d):
+        acc, _ = jax.lax.scan(lambda a, v: (a + v[:, None] * v[None, :], None),
+                              jnp.zeros((n, n), jnp.float32), x.T[k0:k0 + b])
+        total = acc if total is None else total + acc
+        k0 += b
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def _fma_contracted() -> bool:
+    """True if XLA on the default backend fuses ``c + a * b`` into one rounding."""
+    with jax.ensure_compile_time_eval():  # concrete even when asked inside a trace
+        a = jnp.asarray(np.float32(1.0 + 2.0**-12))
+        c = jnp.asarray(np.float32(-(1.0 + 2.0**-11)))
+        return float(jax.jit(lambda a, c: c + a * a)(a, c)) == 2.0**-24
 
 
 # ------------------------------------------------------------------------------ 2. thresholds
@@ -381,7 +474,7 @@ def trim_min_thresholds(
     if n_lo == n_hi:  # a NumPy-made table: XLA would turn "/ n" into "* (1/n)"
         t = jnp.asarray(_grid_table(n_lo))[jnp.clip(lo, -n_lo, n_lo) + n_lo]
     else:
-        t = lo.astype(jnp.float32) / nf  # IEEE float32 division, as NumPy's astype / n
+        t = _ieee_divide(lo.astype(jnp.float32), nf)  # as NumPy's astype(float32) / n
     t = jnp.where(u > 0, t, jnp.min(jnp.where(vcol, s, jnp.inf), axis=1))
     return jnp.where(valid, t, jnp.inf)
 
@@ -605,16 +698,17 @@ class TailSamplerStatistics(NamedTuple):
     tail_mask: Bool[Array, " n"]
 
 
-@_paper_step(_check_sampler_args, static_argnames=("keep", "percentile"))
+@_paper_step(_check_sampler_args, static_argnames=("keep", "percentile", "similarity_rounding"))
 def tail_sampler_statistics(
     embeddings: Float[Array, "n d"],
     *,
     keep: float = 0.85,
     percentile: float = 0.15,
     mask: Bool[Array, " n"] | None = None,
+    similarity_rounding: str = "xla",
 ) -> TailSamplerStatistics:
     """Run the TailSampler and return every intermediate (see :func:`tail_sample_mask`)."""
-    s = cosine_similarity_matrix.unchecked(embeddings)
+    s = cosine_similarity_matrix.unchecked(embeddings, rounding=similarity_rounding)
     t = trim_min_thresholds.unchecked(s, keep=keep, mask=mask)
     sizes = predict_class_sizes.unchecked(s, t, mask=mask)
     groups, group_mask = group_class_sizes.unchecked(sizes, mask=mask)
@@ -632,13 +726,14 @@ def tail_sample_mask(
     keep: float = 0.85,
     percentile: float = 0.15,
     mask: Bool[Array, " n"] | None = None,
+    similarity_rounding: str = "xla",
 ) -> tuple[Bool[Array, " n"], Float[Array, " n"]]:
     """Tail (few-shot) images and predicted class sizes (variant ``ada_trim_min-mode``).
 
     Selects the images ``AdaptiveTailSampler('trim_min', 'mode').run(E)`` selects given the
-    same float32 similarity matrix (``jnp.nonzero(tail)`` is the official ``idx``). The
-    similarity is an XLA float32 matmul, equal to torch's to a few ulps: a pair within that
-    rounding of a ``1/N`` grid point could in principle flip. One compilation per ``(N, D)``.
+    same float32 similarity matrix (``jnp.nonzero(tail)`` is the official ``idx``); with
+    ``similarity_rounding="torch_cpu"`` that matrix is the official one too. One compilation
+    per ``(N, D)``.
 
     Args:
         embeddings: ``(N, D)`` floating-point embeddings (computed in float32).
@@ -646,6 +741,9 @@ def tail_sample_mask(
         percentile: tail fraction of the data in ``(0, 1]`` (static; official 0.15); at 1 the
             percentile rule is skipped, as in the official code.
         mask: ``(N,)`` bool, True = valid; padded images are never selected and get size 0.
+        similarity_rounding: ``"xla"`` (default) or ``"torch_cpu"``: the rounding of the
+            similarity matrix (see :func:`cosine_similarity_matrix`); ``"torch_cpu"`` selects
+            exactly the official images and class sizes from the embeddings.
 
     Returns:
         ``(tail_mask (N,) bool, class_sizes (N,) float32)``.
@@ -657,5 +755,6 @@ def tail_sample_mask(
             for every image).
         TypeError: non-floating embeddings, non-bool mask, non-real keep/percentile.
     """
-    stats = tail_sampler_statistics(embeddings, keep=keep, percentile=percentile, mask=mask)
+    stats = tail_sampler_statistics(embeddings, keep=keep, percentile=percentile, mask=mask,
+                                    similarity_rounding=similarity_rounding)
     return stats.tail_mask, stats.class_sizes

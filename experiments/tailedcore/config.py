@@ -21,7 +21,8 @@ FEATURE_FIELDS = ("dataset", "data_root", "setting", "noise_ratio", "seed", "man
                   "bn_recalibration", "model_seed")
 #: Fields that additionally determine the memory banks.
 BANK_FIELDS = FEATURE_FIELDS + ("augmentation", "methods", "ratio", "lof_k", "lof_drop",
-                                "tail_keep", "tail_percentile", "fit_seed", "batch_size")
+                                "tail_keep", "tail_percentile", "tail_similarity_rounding", "fit_seed",
+                                "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,9 @@ class TailedCoreConfig:
     lof_drop: float = option(0.15, "fraction of patches the LOF filter drops")
     tail_keep: float = option(0.85, "TailSampler keep fraction")
     tail_percentile: float = option(0.15, "TailSampler percentile, a fraction")
+    tail_similarity_rounding: str = option(
+        "xla", "TailSampler similarity rounding: xla, or torch_cpu (the official CPU run's)",
+        choices=("xla", "torch_cpu"))
     fit_seed: int = option(0, "seed of the memory-bank fits (projections, coreset starts)")
     batch_size: int = option(32, "images per forward pass")
     model_seed: int = option(0, "seed of the random backbone initialisation")

@@ -275,7 +275,8 @@ def tailsampler_quality(split: DataSplit, tail: np.ndarray, class_sizes: np.ndar
 def run_tailsampler(cfg: TailedCoreConfig, split: DataSplit, embeddings: np.ndarray):
     """(tail mask, predicted class sizes, quality dict) of TailSampler on the embeddings."""
     tail, sizes = tail_sample_mask(jnp.asarray(embeddings), keep=cfg.tail_keep,
-                                   percentile=cfg.tail_percentile)
+                                   percentile=cfg.tail_percentile,
+                                   similarity_rounding=cfg.tail_similarity_rounding)
     tail, sizes = np.asarray(tail), np.asarray(sizes)
     return tail, sizes, tailsampler_quality(split, tail, sizes)
 

@@ -36,6 +36,40 @@ def cosine_similarity(embeddings):
     return (x @ x.T).astype(np.float32)
 
 
+def torch_cpu_similarity(embeddings, kc=192):
+    """The official ``compute_self_sim`` as torch-CPU / MKL round it, in plain NumPy loops:
+    ``|x|`` summed in 8 lanes of float32 squares (lanes added in order, then the ``D % 8``
+    tail), IEEE division, then ``x @ x.T`` as float32 FMA chains (emulated exactly in
+    float64) inside MKL's K-blocks of ``kc``, the block sums added in order (N >= 12)."""
+    e = np.asarray(embeddings, np.float32)
+    n, d = e.shape
+    full = d // 8 * 8
+    acc = np.zeros((n, 8), np.float32)
+    for k in range(0, full, 8):
+        acc = acc + e[:, k:k + 8] * e[:, k:k + 8]
+    s = acc[:, 0].copy()
+    for lane in range(1, 8):
+        s = s + acc[:, lane]
+    for k in range(full, d):
+        s = s + e[:, k] * e[:, k]
+    x = e / np.maximum(np.sqrt(s), np.float32(1e-12))[:, None]
+    if d <= kc:
+        blocks = [d]
+    elif d <= 2 * kc:
+        blocks = [d // 2, d // 2] + ([1] if d % 2 else [])
+    else:
+        blocks = [kc] * (d // kc) + ([d % kc] if d % kc else [])
+    x64 = x.astype(np.float64)
+    total, k0 = None, 0
+    for b in blocks:
+        block = np.zeros((n, n), np.float32)
+        for k in range(k0, k0 + b):  # a float32 FMA: exact product, one rounding
+            block = (block.astype(np.float64) + np.outer(x64[:, k], x64[:, k])).astype(np.float32)
+        total = block if total is None else total + block
+        k0 += b
+    return total
+
+
 def half_angle_boundary(n, k0):
     """First grid index ``k`` in ``-n..n`` with ``f32(k) / n > cos(arccos(f32(k0) / n) / 2)``,
     evaluated as the official code does (NumPy float32 scalars), one ``k0`` at a time;
