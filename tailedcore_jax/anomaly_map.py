@@ -1,16 +1,10 @@
 """Patch scores -> full-resolution anomaly maps (bilinear upsampling + Gaussian smoothing).
 
-JAX port of ``RescaleSegmentor.convert_to_segmentation`` in
-amazon-science/patchcore-inspection (``src/patchcore/common.py``), which TailedCore
-(jungyg/TailedCore) uses unchanged: ``F.interpolate(size, mode="bilinear",
-align_corners=False)`` followed by ``scipy.ndimage.gaussian_filter(sigma=4)`` on every map.
-
-Both steps are linear and separable, so each axis is one small constant matrix built on the
-host from the static sizes: ``maps = M_h @ scores @ M_w.T`` with ``M = G @ A`` (``A``:
-interpolation matrix, ``G``: Gaussian with the boundary extension folded in). The matrices
-are computed in float64 and applied in float32 with ``precision=HIGHEST``. For 28 -> 224
-this costs ~1.6 MFLOP per map, about the same as a 33-tap separable filter, and it handles
-any radius (also one larger than the image) exactly like scipy.
+JAX port of ``RescaleSegmentor.convert_to_segmentation`` in amazon-science/patchcore-inspection
+``src/patchcore/common.py`` (used unchanged by jungyg/TailedCore): ``F.interpolate(bilinear,
+align_corners=False)``, then ``scipy.ndimage.gaussian_filter(sigma=4)``. Both steps are linear
+and separable: one host-built float64 matrix per axis (boundary extension folded in, any
+radius), applied in float32 with ``precision=HIGHEST``.
 """
 
 import functools
@@ -42,10 +36,8 @@ def _as_hw(out_size) -> tuple[int, int]:
 
 
 def gaussian_kernel1d(sigma: float, *, truncate: float = 4.0) -> np.ndarray:
-    """Normalised 1-D Gaussian taps, identical to ``scipy.ndimage.gaussian_filter1d``'s.
-
-    Radius ``int(truncate * sigma + 0.5)``; weights ``exp(-x**2 / (2 sigma**2))`` divided by
-    their sum (float64, host side).
+    """``exp(-x**2 / (2 sigma**2))`` for ``|x| <= int(truncate * sigma + 0.5)``, normalized
+    to sum 1 (float64): the taps of ``scipy.ndimage.gaussian_filter1d``.
 
     Args:
         sigma: standard deviation in pixels, > 0.
@@ -82,11 +74,9 @@ def gaussian_matrix(
 ) -> np.ndarray:
     """``(n, n)`` float64 matrix ``G`` with ``G @ x`` = 1-D Gaussian filtering of ``x``.
 
-    With ``padding='symmetric'`` this equals ``scipy.ndimage.gaussian_filter1d(x, sigma,
-    mode='reflect', truncate=truncate)`` for any radius, including radii larger than ``n``.
-    With ``padding='reflect'`` the boundary is torch/kornia ``reflect`` (edge not repeated),
-    also extended periodically when the radius exceeds ``n - 1`` (torch itself would refuse
-    such a pad).
+    ``'symmetric'``: equals ``scipy.ndimage.gaussian_filter1d(x, sigma, mode='reflect',
+    truncate=truncate)`` for any radius. ``'reflect'``: torch/kornia ``reflect`` (edge not
+    repeated), extended periodically also beyond ``n - 1`` (where torch refuses the pad).
     """
     w = gaussian_kernel1d(sigma, truncate=truncate)
     r = (len(w) - 1) // 2
@@ -100,10 +90,9 @@ def gaussian_matrix(
 def resize_matrix(n_in: int, n_out: int, *, method: str = "bilinear") -> np.ndarray:
     """``(n_out, n_in)`` float64 matrix of 1-D torch ``F.interpolate`` resampling.
 
-    ``'bilinear'`` follows ``align_corners=False`` without antialiasing, in both directions:
-    source coordinate ``(i + 0.5) * n_in / n_out - 0.5`` clamped at 0, neighbours
-    ``floor`` and ``min(floor + 1, n_in - 1)``. ``'nearest'`` is torch's legacy ``nearest``:
-    source index ``min(floor(i * n_in / n_out), n_in - 1)``.
+    ``'bilinear'`` (``align_corners=False``, no antialiasing): source ``(i + 0.5) * n_in /
+    n_out - 0.5`` clamped at 0, neighbors ``floor`` and ``min(floor + 1, n_in - 1)``.
+    ``'nearest'`` (torch legacy): source ``min(floor(i * n_in / n_out), n_in - 1)``.
     """
     a = np.zeros((n_out, n_in), dtype=np.float64)
     i = np.arange(n_out)
@@ -130,65 +119,8 @@ def _axis_matrix(n_in, n_out, sigma, truncate, padding, upsample) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def anomaly_maps(
-    patch_scores: Float[Array, "b h w"],
-    out_size: int | tuple[int, int],
-    *,
-    sigma: float | None = 4.0,
-    truncate: float = 4.0,
-    padding: Literal["symmetric", "reflect"] = "symmetric",
-    upsample: Literal["bilinear", "nearest"] = "bilinear",
-) -> Float[Array, "b H W"]:
-    """Upsample patch scores to image size and smooth them with a Gaussian.
-
-    JAX port of ``RescaleSegmentor.convert_to_segmentation`` in
-    amazon-science/patchcore-inspection (used by jungyg/TailedCore): torch
-    ``F.interpolate(mode='bilinear', align_corners=False)`` then
-    ``scipy.ndimage.gaussian_filter(sigma=4)`` (``mode='reflect'``, ``truncate=4.0``).
-
-    The resampling is implemented explicitly (not with ``jax.image.resize``), so it equals
-    torch's non-antialiased ``align_corners=False`` bilinear interpolation when
-    *downsampling* too; ``jax.image.resize`` antialiases when downsampling and would differ
-    there (for upsampling the two agree). The Gaussian is separable, with scipy's taps
-    (radius ``int(truncate * sigma + 0.5)``), applied along H and then W. Both steps are
-    folded into one constant matrix per axis (float64 on the host, applied in float32 with
-    ``precision=HIGHEST``); results equal scipy/torch to float32 rounding.
-
-    Args:
-        patch_scores: patch anomaly scores, shape ``(B, h, w)``, floating point.
-        out_size: output size, an int (square) or ``(H, W)``; static.
-        sigma: Gaussian standard deviation in output pixels; ``0`` or ``None`` disables the
-            smoothing. Static.
-        truncate: kernel radius in units of sigma (scipy's ``truncate``). Static.
-        padding: boundary handling of the Gaussian. ``'symmetric'`` (default) is scipy
-            ``mode='reflect'`` = ``jnp.pad(mode='symmetric')`` (edge pixel repeated), as in
-            the official code. ``'reflect'`` is torch/kornia/anomalib ``reflect`` =
-            ``jnp.pad(mode='reflect')`` (edge pixel not repeated). Both are extended
-            periodically when the radius exceeds the image size (scipy does the same for its
-            mode). Static.
-        upsample: ``'bilinear'`` (default, see above) or ``'nearest'`` (torch legacy
-            ``mode='nearest'``: source ``floor(i * h / H)``). Static.
-
-    Returns:
-        ``(B, H, W)`` float32 anomaly maps.
-
-    Raises:
-        ValueError: ``patch_scores`` not of rank 3 or empty spatially; non-positive
-            ``out_size``; negative ``sigma`` or non-positive ``truncate``; unknown
-            ``padding``/``upsample``; NaN or inf in ``patch_scores`` (this value check runs
-            only on concrete inputs; under ``jit``/``vmap`` non-finite scores propagate to the
-            maps).
-        TypeError: non-floating ``patch_scores``; ``out_size`` not int/pair of ints.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> anomaly_maps(jnp.zeros((2, 28, 28)), 224).shape
-        (2, 224, 224)
-
-    References:
-        Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022,
-        https://arxiv.org/abs/2106.08265.
-    """
+def _check_map_args(patch_scores, out_size, sigma, truncate, padding, upsample):
+    """Validate :func:`anomaly_maps`' arguments; returns ``(h, w, H, W, sigma, truncate)``."""
     check_rank("patch_scores", patch_scores, 3)
     check_floating("patch_scores", patch_scores)
     _, h, w = jnp.shape(patch_scores)
@@ -207,7 +139,57 @@ def anomaly_maps(
     if upsample not in ("bilinear", "nearest"):
         raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
     check_finite("patch_scores", patch_scores)
+    return h, w, big_h, big_w, sigma, truncate
 
+
+def anomaly_maps(
+    patch_scores: Float[Array, "b h w"],
+    out_size: int | tuple[int, int],
+    *,
+    sigma: float | None = 4.0,
+    truncate: float = 4.0,
+    padding: Literal["symmetric", "reflect"] = "symmetric",
+    upsample: Literal["bilinear", "nearest"] = "bilinear",
+) -> Float[Array, "b H W"]:
+    """Upsample patch scores to image size and smooth them with a Gaussian.
+
+    ``maps = M_h @ scores @ M_w.T``, ``M = G @ A`` per axis: ``A`` torch's non-antialiased
+    bilinear ``align_corners=False`` resampling (also when downsampling, unlike
+    ``jax.image.resize``), ``G`` scipy's ``gaussian_filter1d``. Equal to the official
+    ``RescaleSegmentor.convert_to_segmentation`` to float32 rounding.
+
+    Args:
+        patch_scores: ``(B, h, w)`` floating patch anomaly scores.
+        out_size: output size, an int (square) or ``(H, W)``; static.
+        sigma: Gaussian standard deviation in output pixels; ``0`` or ``None`` disables the
+            smoothing. Static.
+        truncate: kernel radius in units of sigma (scipy's ``truncate``). Static.
+        padding: Gaussian boundary: ``'symmetric'`` (default, the official code) is scipy
+            ``mode='reflect'`` (edge repeated), ``'reflect'`` is torch/anomalib ``reflect``
+            (edge not repeated). Static.
+        upsample: ``'bilinear'`` (default) or ``'nearest'`` (torch legacy ``nearest``:
+            source ``floor(i * h / H)``). Static.
+
+    Returns:
+        ``(B, H, W)`` float32 anomaly maps.
+
+    Raises:
+        ValueError: rank not 3 or empty grid; non-positive ``out_size``; negative ``sigma``
+            or non-positive ``truncate``; unknown ``padding``/``upsample``; NaN or inf scores
+            (concrete inputs only).
+        TypeError: non-floating ``patch_scores``; ``out_size`` not int/pair of ints.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> anomaly_maps(jnp.zeros((2, 28, 28)), 224).shape
+        (2, 224, 224)
+
+    References:
+        Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+    """
+    h, w, big_h, big_w, sigma, truncate = _check_map_args(
+        patch_scores, out_size, sigma, truncate, padding, upsample
+    )
     m_h = jnp.asarray(_axis_matrix(h, big_h, sigma, truncate, padding, upsample))
     m_w = jnp.asarray(_axis_matrix(w, big_w, sigma, truncate, padding, upsample))
     x = jnp.asarray(patch_scores, jnp.float32)

@@ -1,37 +1,23 @@
 """Rotation / flip augmentation of tail images, equal to the torchvision pipeline of TailedCore.
 
-JAX port of the inline augmentation in `TailedCore._get_tail_augmented_features_rotflip`
-(and the 90-degree VisA variant) in jungyg/TailedCore (`src/coreset_model.py`,
-tailedcore-spec section 5.2). Per (angle, flip) and image:
+JAX port of the inline augmentation of ``TailedCore._get_tail_augmented_features_rotflip``
+(and its 90-degree VisA variant) in jungyg/TailedCore ``src/coreset_model.py``. Per
+(angle, flip) and image:
 
 1. ``TF.hflip`` when ``flip``;
 2. when ``angle != 0``: ``F.pad(mode="replicate")`` by ``calculate_padding_for_rotation`` on
-   every side, then ``TF.rotate(angle)`` (counter-clockwise, nearest, ``expand=False``,
-   fill 0);
+   every side, then ``TF.rotate(angle)`` (counter-clockwise, nearest, ``expand=False``, fill 0);
 3. ``TF.center_crop`` (``top = int(round((H - crop_h) / 2))``, Python's half-to-even round).
 
-The rotation reproduces torchvision's tensor path (`_functional_tensor.rotate`): the inverse
-matrix of `_get_inverse_affine_matrix(center=0, -angle)`, the base grid
-``x = -W/2 + 0.5 + j``, the grid rescaled by ``(W/2, H/2)``, and `grid_sample(mode="nearest",
-padding_mode="zeros", align_corners=False)` with PyTorch's CPU unnormalisation
-``(g + 1) * (W / 2) - 0.5`` and round-half-to-even. The grid is evaluated only at the output
-crop (the gather reads the un-padded image with clamped indices, which *is* replicate
-padding), so nothing of size ``(H + 2 pad)^2`` is materialised.
-
-Exactness: all coordinates are float32 like torch, and the result is bit-exact against
-torchvision (tested for 0..345 deg in 15 deg steps, with and without flip, on square and
-non-square images, and on the real 256 -> 350 -> 224 MVTec geometry) except at exact
-rounding ties. Nearest sampling is ``round(coordinate)``; when the exact source coordinate is
-``k + 0.5`` and the tie is decided by the rounding of a two-term sum (observed only for
-90/270 deg rotations of images whose ``H - W`` is odd, and never for square
-images such as the 350x350 padded MVTec images or 224x224 VisA crops), torch's
-choice depends on the last bit of its float32 ``bmm`` (fused multiply-add order, which even
-differs between shapes on the same CPU). Those tie pixels may differ; every other pixel is
-equal. The angle's matrix is torchvision's (computed in float64, rounded to float32) for Python
-angles and for traced integer-valued angles (a 360-entry table); only non-integer traced angles
-use device float32 trigonometry, whose ulp-level differences can move pixels near ties.
-
-Layout is NHWC.
+The rotation follows torchvision's tensor path (``_functional_tensor.rotate``: inverse matrix
+of ``_get_inverse_affine_matrix``, base grid ``x = -W/2 + 0.5 + j`` rescaled by ``(W/2, H/2)``,
+``grid_sample(nearest, zeros, align_corners=False)`` with CPU unnormalization ``(g + 1) * (W /
+2) - 0.5`` and round-half-to-even), in float32, evaluated only on the output crop; clamped
+gather indices into the un-padded image are the replicate padding. The result equals
+torchvision bit for bit except at exact ``k + 0.5`` ties decided by float32 rounding (possible
+for 90/270 degrees when ``H - W`` is odd), where torch's choice depends on its ``bmm``'s
+operation order. Python and traced integer angles use torchvision's float64-derived matrix;
+non-integer traced angles use device float32 trigonometry. NHWC.
 """
 
 import functools
@@ -197,16 +183,12 @@ def rotate_flip(
 ) -> Float[Array, "b ch cw c"]:
     """Flip, replicate-pad, rotate and centre-crop a batch like TailedCore's torchvision code.
 
-    ``hflip`` if ``flip``; if ``angle_degrees != 0``: replicate padding by ``pad`` and
-    ``TF.rotate(angle_degrees)`` (counter-clockwise, nearest, no expand, fill 0); then
-    ``TF.center_crop(crop)``. See the module docstring for the exactness argument.
+    Steps 1-3 of the module docstring with the given ``pad`` and ``crop``.
 
     Args:
         images: ``(B, H, W, C)`` NHWC images (any dtype; values are only gathered).
-        angle_degrees: rotation angle in degrees, counter-clockwise. A Python number (or a
-            traced integer-valued angle) gives torchvision's exact float32 matrix; a traced
-            scalar compiles once for all angles (non-integer traced angles use device float32
-            trigonometry).
+        angle_degrees: counter-clockwise angle in degrees, a Python number or a traced
+            scalar (one compilation for all angles).
         flip: bool (Python or traced scalar): horizontal flip before rotating.
         pad: ``int`` or ``(pad_h, pad_w)`` replicate padding applied before a non-zero
             rotation; static. ``None``: `padding_for_rotation(crop)` when ``crop`` is smaller
@@ -268,19 +250,14 @@ def tail_augmentations(
     *,
     crop: int | tuple[int, int] = 224,
 ) -> Float[Array, "copies_b ch cw c"]:
-    """All augmented copies of the tail images for one augmentation kind (spec 5.2).
+    """All augmented copies of the tail images for one augmentation kind.
 
-    * ``rot15flip`` / ``rot30flip`` / ``rot45flip`` (MVTec): ``images`` are the
-      ``Resize(256)`` images **without** the centre crop (e.g. 256 x 256); each copy is
-      `rotate_flip` with ``crop`` and ``pad = padding_for_rotation(crop)`` (47 for 224).
-    * ``rotflip`` (VisA): ``images`` are the already centre-cropped images; angles
-      0/90/180/270, no padding and no crop (``crop`` is ignored).
-
-    Output order is copy-major: row ``copy * B + b`` is image ``b`` under
-    ``tail_augmentation_params(kind)[copy]``, i.e. angle -> flip -> image, the official order
-    within one loader batch (the official loop is batch -> angle -> flip -> images). Use
-    ``out.reshape(copies, B, ...)`` to split. The base (unaugmented) images are not included.
-    One compilation per (kind, image shape); all angles run in one vmapped gather.
+    ``rot15flip`` / ``rot30flip`` / ``rot45flip`` (MVTec): ``images`` are the uncropped
+    ``Resize(256)`` images; each copy is :func:`rotate_flip` with ``crop`` and
+    ``pad = padding_for_rotation(crop)``. ``rotflip`` (VisA): already cropped images, angles
+    0/90/180/270, no pad, no crop. Row ``copy * B + b`` is image ``b`` under
+    ``tail_augmentation_params(kind)[copy]`` (the official angle -> flip -> image order within
+    a batch); the unaugmented images are not included. All copies run in one vmapped gather.
 
     Args:
         images: ``(B, H, W, C)`` NHWC tail images, ``B >= 1``.
@@ -291,8 +268,7 @@ def tail_augmentations(
         ``(copies * B, crop_h, crop_w, C)`` (``(7 * B, H, W, C)`` for ``rotflip``).
 
     Raises:
-        ValueError: unknown ``kind``, rank != 4, ``B == 0`` (empty tail), crop larger than the
-            image.
+        ValueError: unknown ``kind``, rank != 4, ``B == 0``, crop larger than the image.
 
     References:
         Jung et al., "TailedCore", CVPR 2025 (`_get_tail_augmented_features_rotflip`).

@@ -1,37 +1,30 @@
 """PatchCore-exact patch features, image embeddings and a jitted feature extractor.
 
-The PatchCore / TailedCore patch feature of a location is built from backbone maps
-(normally WideResNet-50-2 ``layer2`` and ``layer3``) in four fixed, parameter-free steps
-(tailedcore-spec.md section 2.3; ``FeatureEmbedder.forward`` in jungyg/TailedCore, which reuses
+The PatchCore / TailedCore patch feature of a location is built from backbone maps (normally
+WideResNet-50-2 ``layer2`` and ``layer3``) in four parameter-free steps, as
+``FeatureEmbedder.forward`` in jungyg/TailedCore ``src/feature_embedder.py`` (which reuses
 ``PatchMaker.patchify`` / ``common.MeanMapper`` / ``common.Aggregator`` of
 amazon-science/patchcore-inspection):
 
-1. ``Unfold(kernel=p, stride=1, padding=(p-1)//2)``: the zero-padded p x p neighbourhood of
-   every location, flattened channel-major as ``(C, ky, kx)``.
-2. The neighbourhoods of every later layer are bilinearly resized (``align_corners=False``)
-   onto the first layer's grid, each (channel, ky, kx) slice independently.
-3. Per layer, the ``C*p*p`` vector is reduced to ``pretrain_dim`` with
-   ``F.adaptive_avg_pool1d`` (bin i = mean of elements ``[floor(i*L/n), ceil((i+1)*L/n))``;
-   for layer2 at 512*9 = 4608 -> 1024 these bins hold 4 or 5 elements and overlap).
-4. The layers are stacked to ``(M, n_layers, pretrain_dim)``, flattened and adaptive-average
-   pooled to ``dim``.
+1. ``Unfold(kernel=p, stride=1, padding=(p-1)//2)``: the zero-padded p x p neighborhood of
+   every location, flattened channel-major as ``(C, ky, kx)``;
+2. later layers are bilinearly resized (``align_corners=False``) onto the first layer's grid;
+3. per layer, ``F.adaptive_avg_pool1d`` of the ``C*p*p`` vector to ``pretrain_dim`` (bin i =
+   mean of ``[floor(i*L/n), ceil((i+1)*L/n))``; bins overlap when n does not divide L);
+4. the ``(M, n_layers, pretrain_dim)`` stack is flattened and pooled the same way to ``dim``.
 
-How this module computes it (same numbers, much less work): every step is linear and the
-resize acts only on the spatial axes while the poolings act only on the feature axis, so they
-commute. Step 3 is applied on each layer's own grid *before* resizing (the resize then moves
-``pretrain_dim`` channels instead of ``C*p*p``), and step 3 itself is evaluated without ever
-materialising the unfolded tensor: each adaptive bin covers a contiguous range of the
-channel-major ``(C, ky, kx)`` vector, i.e. a few channels with a fixed subset of the p x p
-window, so it is a short sum of channel-gathered, spatially shifted slices (a banded depthwise
-filter). This is O(B*h*w*pretrain_dim*p*p) adds instead of a dense ``(C*p*p) x pretrain_dim``
-matmul (7.4 GFLOP per 224-px image for layer2 alone). Results equal the step-by-step
-construction to float32 rounding (tested to 1e-5 against ``tests/reference/features.py``).
+Evaluation order here (same numbers, far less work): every step is linear, the resize acts
+on the spatial axes and the poolings on the feature axis, so they commute. Step 3 runs on each
+layer's own grid before the resize, and without materialising the unfolded tensor: each bin
+covers a contiguous range of the ``(C, ky, kx)`` vector, i.e. a short sum of channel-gathered,
+spatially shifted slices (a banded depthwise filter) instead of a dense
+``(C*p*p) x pretrain_dim`` matmul. Results equal the step-by-step construction of
+``tests/reference/features.py`` to float32 rounding.
 
-``mode='anomalib'`` gives the anomalib PatchCore embedding instead
-(``src/anomalib/models/image/patchcore/torch_model.py`` in open-edge-platform/anomalib):
-``AvgPool2d(p, 1, (p-1)//2)`` with ``count_include_pad=True`` per layer, bilinear resize of the
-later layers to the first layer's size, channel concatenation (D = sum of channels, 1536 for
-WRN-50-2 layer2+3), optionally adaptive-average pooled to ``dim``.
+``mode='anomalib'`` gives the anomalib PatchCore embedding instead (open-edge-platform/anomalib
+``src/anomalib/models/image/patchcore/torch_model.py``): ``AvgPool2d(p, 1, (p-1)//2,
+count_include_pad=True)`` per layer, bilinear resize to the first grid, channel concatenation,
+optionally pooled to ``dim``.
 
 References:
     Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
@@ -216,7 +209,7 @@ def _pad_hw(x: jax.Array, patch_size: int) -> tuple[jax.Array, int, int]:
 
 
 def _mean_map(x: jax.Array, *, patch_size: int, out: int) -> jax.Array:
-    """PatchCore ``MeanMapper`` of the unfolded neighbourhoods, without unfolding.
+    """PatchCore ``MeanMapper`` of the unfolded neighborhoods, without unfolding.
 
     ``x (B, h, w, C) -> (B, h', w', out)`` equal to
     ``adaptive_avg_pool1d(Unfold(p, pad=(p-1)//2)(x) flattened as (C, ky, kx), out)``.
@@ -326,6 +319,65 @@ def _as_layer_list(layers) -> list:
     return list(layers)
 
 
+def _check_sizes(mode: str, patch_size, pretrain_dim, dim) -> tuple[int, int, int | None]:
+    """Validate ``mode`` and the static sizes; returns ``(patch_size, pretrain_dim, dim)``."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    patch_size = _check_positive_int("patch_size", patch_size)
+    pretrain_dim = _check_positive_int("pretrain_dim", pretrain_dim)
+    if dim is not None:
+        dim = _check_positive_int("dim", dim)
+    return patch_size, pretrain_dim, dim
+
+
+def _check_maps(layers: list, patch_size: int) -> tuple[list, bool]:
+    """Shape/dtype checks of the maps (values: concrete inputs only).
+
+    Returns ``(maps as (B, h, w, C) arrays, unbatched)``.
+    """
+    shapes = [jnp.shape(x) for x in layers]
+    ranks = {len(shape) for shape in shapes}
+    if not ranks <= {3, 4}:
+        raise ValueError(f"feature maps must be NHWC (rank 4) or HWC (rank 3), got shapes {shapes}")
+    if len(ranks) != 1:
+        raise ValueError(f"all feature maps must have the same rank, got shapes {shapes}")
+    for i, x in enumerate(layers):
+        check_floating(f"layers[{i}]", x)
+    unbatched = ranks == {3}
+    if unbatched:
+        layers = [jnp.asarray(x)[None] for x in layers]
+    elif len({shape[0] for shape in shapes}) != 1:
+        raise ValueError(f"all feature maps must have the same batch size, got shapes {shapes}")
+    h0, w0 = jnp.shape(layers[0])[1:3]
+    for i, x in enumerate(layers[1:], start=1):
+        h, w = jnp.shape(x)[1:3]
+        if h > h0 or w > w0:
+            raise ValueError(
+                f"layers[{i}] has grid {(h, w)}, larger than the first map's grid {(h0, w0)}; "
+                "the first map defines the patch grid (pass the shallowest layer first)"
+            )
+    shrink = 2 * ((patch_size - 1) // 2) - patch_size + 1  # grid change of the unfold
+    for i, x in enumerate(layers):
+        h, w = jnp.shape(x)[1:3]
+        if h + shrink < 1 or w + shrink < 1:
+            raise ValueError(f"layers[{i}] grid {(h, w)} is too small for patch_size={patch_size}")
+        check_finite(f"layers[{i}]", x)
+    return layers, unbatched
+
+
+def _per_layer_dim(n_layers: int, pretrain_dim: int, final_dim: int) -> int | None:
+    """Width to pool each layer to when the cross-layer bins never straddle two layers.
+
+    The ``n_layers * pretrain_dim -> final_dim`` pooling then equals pooling every layer to
+    ``pretrain_dim // k`` with ``k = n_layers * pretrain_dim / final_dim`` (e.g. 2*1024 ->
+    1024), which can run on the layer's own grid before the resize. ``None`` otherwise.
+    """
+    total = n_layers * pretrain_dim
+    if total % final_dim == 0 and pretrain_dim % (total // final_dim) == 0:
+        return pretrain_dim // (total // final_dim)
+    return None
+
+
 def patchcore_features(
     *layers: jax.Array,
     patch_size: int = 3,
@@ -335,105 +387,45 @@ def patchcore_features(
 ) -> jax.Array:
     """PatchCore / TailedCore patch features from NHWC backbone maps.
 
-    JAX port of ``FeatureEmbedder.forward`` (after the backbone) in jungyg/TailedCore, i.e.
-    ``PatchMaker.patchify`` + grid alignment + ``common.Preprocessing`` (``MeanMapper``) +
-    ``common.Aggregator`` of amazon-science/patchcore-inspection. Called as
-    ``patchcore_features(layer2, layer3)`` for the paper's setting; any number of maps >= 1 may
-    be given (``patchcore_features(layer1, layer2)``, ``patchcore_features(layer2)``, or one
-    list/tuple of maps); the first one defines the patch grid.
-
-    ``mode='patchcore'`` (default, exact official aggregation): p x p zero-padded
-    neighbourhoods, bilinear (``align_corners=False``) alignment of later layers to the first
-    grid, per-layer ``adaptive_avg_pool1d`` of the channel-major ``(C, ky, kx)`` vector to
-    ``pretrain_dim``, then ``adaptive_avg_pool1d`` of the ``n_layers * pretrain_dim`` stack to
-    ``dim``. See the module docstring for how this is evaluated cheaply.
-
-    ``mode='anomalib'``: ``AvgPool2d(p, 1, (p-1)//2, count_include_pad=True)`` per layer,
-    bilinear resize to the first grid, channel concat; ``pretrain_dim`` is ignored.
+    JAX port of ``FeatureEmbedder.forward`` (after the backbone) in jungyg/TailedCore
+    ``src/feature_embedder.py``: ``PatchMaker.patchify``, grid alignment, ``MeanMapper`` and
+    ``Aggregator`` of amazon-science/patchcore-inspection (the four steps of the module
+    docstring). ``patchcore_features(layer2, layer3)`` is the paper's setting; any number of
+    maps (or one list of maps) may be given, the first defines the patch grid.
+    ``mode='anomalib'``: per-layer ``AvgPool2d``, resize, channel concat; ``pretrain_dim``
+    is ignored.
 
     Args:
-        *layers: feature maps ``(B, h_l, w_l, C_l)`` (or ``(h_l, w_l, C_l)`` for one image; all
-            maps must have the same rank and batch size). Floating dtype; computed in
-            ``promote_types(dtype, float32)`` (bfloat16 maps are aggregated in float32).
+        *layers: floating maps ``(B, h_l, w_l, C_l)``, or ``(h_l, w_l, C_l)`` for one image
+            (same rank and batch for all), computed in ``promote_types(dtype, float32)``.
             Later maps must not have a larger grid than the first.
-        patch_size: static neighbourhood size p >= 1 (padding ``(p-1)//2``, stride 1; the
-            grid is unchanged for odd p and shrinks by one for even p, as ``torch.nn.Unfold``).
-        dim: static output dimension. ``None`` means 1024 in ``'patchcore'`` mode (the
-            official ``target_embed_dimension``) and no reduction (``sum(C_l)``) in
-            ``'anomalib'`` mode; an int in ``'anomalib'`` mode adaptive-average pools the
-            concatenated channels to ``dim``.
+        patch_size: static neighborhood size p >= 1 (padding ``(p-1)//2``, stride 1; even p
+            shrinks the grid by one, as ``torch.nn.Unfold``).
+        dim: static output dimension. ``None``: 1024 in ``'patchcore'`` mode (the official
+            ``target_embed_dimension``), no reduction (``sum(C_l)``) in ``'anomalib'`` mode.
         pretrain_dim: static per-layer dimension (``pretrain_embed_dimension``, 1024).
         mode: ``'patchcore'`` or ``'anomalib'``.
 
     Returns:
-        ``(B, h0', w0', D)`` float32 (float64 for float64 input) with ``h0' = h0 + 2*((p-1)//2)
-        - p + 1``; D = ``dim`` (1024 by default) or ``sum(C_l)``.
+        ``(B, h0', w0', D)`` float32 (float64 for float64 input), ``h0' = h0 + 2*((p-1)//2)
+        - p + 1``, D = ``dim`` (1024 by default) or ``sum(C_l)``.
 
     Raises:
-        ValueError: no maps, rank not 3/4 or different ranks, batch size mismatch, a later map
-            with a larger grid than the first, an empty grid, ``dim``/``pretrain_dim``/
-            ``patch_size`` < 1, unknown ``mode``, or (concrete inputs only) NaN/inf values.
+        ValueError: no maps, rank not 3/4 or mixed ranks, batch mismatch, a later map with a
+            larger grid, an empty grid, sizes < 1, unknown ``mode``, or (concrete inputs only)
+            NaN/inf values.
         TypeError: non-floating maps or non-int sizes.
-
-    References:
-        Roth et al., CVPR 2022 (PatchCore), section 3.1; tailedcore-spec.md section 2.3.
     """
     layers = _as_layer_list(layers)
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    patch_size = _check_positive_int("patch_size", patch_size)
-    pretrain_dim = _check_positive_int("pretrain_dim", pretrain_dim)
-    if dim is not None:
-        dim = _check_positive_int("dim", dim)
-    ranks = {jnp.ndim(x) for x in layers}
-    if not ranks <= {3, 4}:
-        shapes = [jnp.shape(x) for x in layers]
-        raise ValueError(f"feature maps must be NHWC (rank 4) or HWC (rank 3), got shapes {shapes}")
-    if len(ranks) != 1:
-        raise ValueError(
-            f"all feature maps must have the same rank, got shapes {[jnp.shape(x) for x in layers]}"
-        )
-    for i, x in enumerate(layers):
-        check_floating(f"layers[{i}]", x)
-    unbatched = ranks == {3}
-    if unbatched:
-        layers = [jnp.asarray(x)[None] for x in layers]
-    else:
-        batch = {jnp.shape(x)[0] for x in layers}
-        if len(batch) != 1:
-            raise ValueError(
-                "all feature maps must have the same batch size, got shapes "
-                f"{[jnp.shape(x) for x in layers]}"
-            )
-    h0, w0 = jnp.shape(layers[0])[1:3]
-    for i, x in enumerate(layers[1:], start=1):
-        h, w = jnp.shape(x)[1:3]
-        if h > h0 or w > w0:
-            raise ValueError(
-                f"layers[{i}] has grid {(h, w)}, larger than the first map's grid {(h0, w0)}; "
-                "the first map defines the patch grid (pass the shallowest layer first)"
-            )
-    for i, x in enumerate(layers):
-        h, w = jnp.shape(x)[1:3]
-        if (
-            h + 2 * ((patch_size - 1) // 2) - patch_size + 1 < 1
-            or w + 2 * ((patch_size - 1) // 2) - patch_size + 1 < 1
-        ):
-            raise ValueError(f"layers[{i}] grid {(h, w)} is too small for patch_size={patch_size}")
-        check_finite(f"layers[{i}]", x)
-
+    patch_size, pretrain_dim, dim = _check_sizes(mode, patch_size, pretrain_dim, dim)
+    layers, unbatched = _check_maps(layers, patch_size)
     dtype = jnp.promote_types(jnp.result_type(layers[0]), jnp.float32)
     layers = [jnp.asarray(x).astype(dtype) for x in layers]
 
-    # Cross-layer pooling (Aggregator) of n_layers * pretrain_dim -> dim. When its bins never
-    # straddle two layers (k = n*pretrain_dim/dim divides pretrain_dim, e.g. 2*1024 -> 1024), it
-    # is applied per layer on the layer's own grid, before the resize (fewer channels to move).
     final_dim = (1024 if dim is None else dim) if mode == "patchcore" else dim
     per_layer_dim = None
     if mode == "patchcore":
-        total = len(layers) * pretrain_dim
-        if total % final_dim == 0 and pretrain_dim % (total // final_dim) == 0:
-            per_layer_dim = pretrain_dim // (total // final_dim)
+        per_layer_dim = _per_layer_dim(len(layers), pretrain_dim, final_dim)
 
     pooled = []
     grid = None
@@ -462,11 +454,12 @@ def patchcore_features(
 def image_embedding(activations: Mapping[str, jax.Array] | jax.Array, layer: str = "pooled"):
     """Global-average-pooled image embedding of one backbone tap.
 
-    ``layer='pooled'`` returns the backbone's ``avgpool`` output (global average of layer4,
-    2048-d for WRN-50-2: the TailSampler embedding of tailedcore-spec.md section 2.4; computed
-    from ``layer4`` when the dict has no ``'pooled'``); any other tap (e.g. ``'layer3'``, the
-    random-backbone recipe of synthetic-default.md) is averaged over its spatial axes
-    (``'pooled_layer3'`` is read as is, or computed from ``'layer3'``).
+    ``'pooled'`` is the backbone's ``avgpool`` output (global average of ``layer4``, 2048-d
+    for WRN-50-2): TailedCore's TailSampler embedding (``embedding_to_extract_from='avgpool'``
+    in jungyg/TailedCore). Any other tap is averaged over its spatial axes, e.g.
+    ``'layer3'``, the embedding of the offline recipe (random ResNet-18 with BatchNorm
+    recalibration). ``'pooled'`` / ``'pooled_<tap>'`` missing from the dict are computed from
+    ``'layer4'`` / ``'<tap>'``.
 
     Args:
         activations: dict of taps from ``model.apply`` (``(B, h, w, C)`` maps or ``(B, E)``
@@ -524,6 +517,77 @@ def _accepts_taps(model) -> bool:
         return False
 
 
+def _check_patch_layers(layers) -> tuple[str, ...]:
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a sequence of tap names, got the string {layers!r}")
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers must name at least one tap")
+    for name in layers:
+        if name not in LAYER_ORDER[:5]:
+            raise ValueError(f"patch layers must be spatial taps {LAYER_ORDER[:5]}, got {name!r}")
+    return layers
+
+
+def _requested_taps(model, layers: tuple[str, ...], embedding_layer: str | None) -> tuple:
+    """The patch layers plus the embedding tap (a spatial embedding tap is averaged later)."""
+    taps = list(layers)
+    if embedding_layer is not None and embedding_layer not in taps:
+        taps.append(embedding_layer)
+    available = getattr(model, "available_taps", None)
+    if available is not None:
+        for name in taps:
+            if name not in available:
+                raise ValueError(f"model has no tap {name!r}; available: {tuple(available)}")
+    return tuple(taps)
+
+
+def _with_compute_dtype(model, variables, compute_dtype):
+    """``(model, variables, input_dtype)`` for running the backbone in ``compute_dtype``.
+
+    A Flax module with a ``dtype`` field is cloned with it and only ``params`` are cast
+    (BatchNorm statistics stay float32); any other module gets every floating variable cast
+    and ``input_dtype`` (else ``None``) for casting the images.
+    """
+    if compute_dtype is None:
+        return model, variables, None
+    compute_dtype = jnp.dtype(compute_dtype)
+    if not jnp.issubdtype(compute_dtype, jnp.floating):
+        raise TypeError(f"compute_dtype must be floating, got {compute_dtype}")
+    fields = getattr(type(model), "__dataclass_fields__", {})
+    if hasattr(model, "clone") and "dtype" in fields:
+        model = model.clone(dtype=compute_dtype)
+        variables = dict(variables)
+        if "params" in variables:
+            variables["params"] = _cast_floating(variables["params"], compute_dtype)
+        return model, variables, None
+    return model, _cast_floating(variables, compute_dtype), compute_dtype
+
+
+def _extract_fn(model, apply_kwargs, taps, layers, embedding_layer, input_dtype, patch_kwargs):
+    """The traced body ``(variables, images) -> {"patches", "embedding"}``."""
+
+    def core(variables, images):
+        if jnp.ndim(images) != 4:
+            raise ValueError(f"images must be NHWC (B, H, W, C), got shape {jnp.shape(images)}")
+        check_floating("images", images)
+        if input_dtype is not None:
+            images = images.astype(input_dtype)
+        acts = model.apply(variables, images, train=False, **apply_kwargs)
+        for name in taps:
+            if name not in acts:
+                raise ValueError(f"model did not return tap {name!r}; got {sorted(acts)}")
+        maps = [
+            acts[name].astype(jnp.promote_types(acts[name].dtype, jnp.float32)) for name in layers
+        ]
+        out = {"patches": patchcore_features(*maps, **patch_kwargs)}
+        if embedding_layer is not None:
+            out["embedding"] = image_embedding(acts, embedding_layer)
+        return out
+
+    return core
+
+
 def make_feature_extractor(
     model,
     variables,
@@ -540,117 +604,48 @@ def make_feature_extractor(
 
     JAX counterpart of ``FeatureEmbedder(..., layers_to_extract_from=layers,
     embedding_to_extract_from='avgpool').forward(images, return_embeddings=True)`` in
-    jungyg/TailedCore, with NHWC input and the patch grid kept as ``(B, h, w, D)``.
-
-    The backbone runs in inference mode (``model.apply(variables, images, train=False)``,
-    BatchNorm with running statistics). Stages after the deepest one needed are never run:
-    models with a ``taps=`` keyword (``tailedcore_jax.models.resnet``) are asked only for the
-    needed taps, so with ``embedding_layer='layer3'`` and patch layers up to layer3 layer4 is
-    not even traced; for other modules the whole function is one ``jax.jit`` and unused taps
-    are dead code that XLA removes.
+    jungyg/TailedCore ``src/feature_embedder.py``, NHWC, patch grid kept as ``(B, h, w, D)``.
+    The backbone runs with ``train=False`` (BatchNorm running statistics). Models with a
+    ``taps=`` keyword (``tailedcore_jax.models.resnet``) are asked only for the needed taps, so
+    later stages are never traced; for other modules XLA removes the unused taps.
 
     Args:
-        model: Flax linen module whose ``apply(variables, images, train=False)`` returns a dict
-            of NHWC taps (``stem``, ``layer1``..``layer4``), ``pooled`` (B, E) and optionally
-            more (``tailedcore_jax.models.resnet`` models; any module returning such a dict).
-        variables: the module's variables (``params`` and ``batch_stats``). They are passed to
-            the jitted function as arguments (not baked in as constants).
+        model: Flax module whose ``apply(variables, images, train=False)`` returns a dict of
+            NHWC taps (``stem``, ``layer1``..``layer4``) and ``pooled`` (B, E).
+        variables: the module's variables, passed to the jitted function as arguments.
         layers: spatial taps aggregated into patch features; the first defines the grid.
-        embedding_layer: tap for the image embedding. ``'pooled'``: the avgpool output (global
-            average of layer4, the paper's TailSampler embedding); a spatial tap such as
-            ``'layer3'``: its global average (the random-backbone recipe of
-            synthetic-default.md; equals the ResNet tap ``'pooled_layer3'``, which is also
-            accepted); ``None``: no embedding.
+        embedding_layer: tap of the image embedding (:func:`image_embedding`): ``'pooled'``
+            (the paper's TailSampler embedding), a spatial tap such as ``'layer3'`` (its
+            global average, as ``'pooled_layer3'``), or ``None`` (no embedding).
         patch_size, dim, pretrain_dim, mode: as in :func:`patchcore_features`.
-        compute_dtype: ``None`` (backbone in the model's own dtype, float32 by default) or a
-            floating dtype such as ``jnp.bfloat16`` for the backbone. For a Flax module with a
-            ``dtype`` field (the ResNets) the module is cloned with ``dtype=compute_dtype`` and
-            the ``params`` collection is cast once to that dtype (BatchNorm running statistics
-            stay float32, normalisation is computed in float32); otherwise images and all
-            floating variables are cast. The taps are upcast to float32 before the aggregation
-            and the embedding, which always run in float32. Accuracy impact: bfloat16 keeps 8
-            mantissa bits. Measured with random weights (``benchmarks/bench_features.py``):
-            WRN-50-2 at 224 px, patch features 0.4% relative L2 error against float32 (worst
-            per-patch cosine 0.99999), embeddings 0.35%; ResNet-18 at 64 px about 0.5%
-            (``tests/test_features.py`` bounds it by 3-5%). Fine for nearest-neighbour
-            scoring, but not parity-exact: keep float32 (the default) for comparisons against
-            the official code. On CPU bfloat16 is usually not faster.
+        compute_dtype: ``None`` (the model's own dtype) or a floating dtype such as
+            ``jnp.bfloat16`` for the backbone. Modules with a ``dtype`` field are cloned with
+            it and their ``params`` cast (BatchNorm statistics stay float32); otherwise images
+            and all floating variables are cast. Taps are upcast to float32 before the
+            aggregation and the embedding. bfloat16 keeps 8 mantissa bits, so it is not
+            parity-exact: keep float32 for comparisons with the official code.
 
     Returns:
-        ``extract(images)`` with ``images (B, H, W, C)`` floating (already normalised) ->
-        ``{"patches": (B, h, w, D) float32, "embedding": (B, E) float32}`` (no ``"embedding"``
-        key when ``embedding_layer is None``). It is jitted: each new input shape compiles
-        once. ``extract.lower(images)`` gives the lowered computation (for cost analysis).
+        Jitted ``extract(images)``: ``(B, H, W, C)`` floating, normalised images ->
+        ``{"patches": (B, h, w, D) float32, "embedding": (B, E) float32}`` (no
+        ``"embedding"`` when ``embedding_layer is None``); one compilation per input shape.
+        ``extract.lower(images)`` gives the lowered computation.
 
     Raises:
-        ValueError: an empty ``layers``, a non-spatial patch layer, a tap the model does not
-            offer, unknown ``mode``; at the first call, images that are not rank 4 (and the
-            checks of the model and of :func:`patchcore_features`).
+        ValueError: empty ``layers``, a non-spatial patch layer, a tap the model does not
+            offer, unknown ``mode``; at the first call, images not of rank 4 (and the checks
+            of the model and of :func:`patchcore_features`).
         TypeError: non-floating ``compute_dtype`` or images.
     """
-    if isinstance(layers, str):
-        raise TypeError(f"layers must be a sequence of tap names, got the string {layers!r}")
-    layers = tuple(layers)
-    if not layers:
-        raise ValueError("layers must name at least one tap")
-    for name in layers:
-        if name not in LAYER_ORDER[:5]:
-            raise ValueError(f"patch layers must be spatial taps {LAYER_ORDER[:5]}, got {name!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    patch_size = _check_positive_int("patch_size", patch_size)
-    pretrain_dim = _check_positive_int("pretrain_dim", pretrain_dim)
-    if dim is not None:
-        dim = _check_positive_int("dim", dim)
-
-    # Taps to request: the patch layers, plus the embedding tap ('pooled'/'pooled_*' as is; a
-    # spatial embedding layer is averaged here, so only the map itself is needed).
-    taps = list(layers)
-    if embedding_layer is not None and embedding_layer not in taps:
-        taps.append(embedding_layer)
-    available = getattr(model, "available_taps", None)
-    if available is not None:
-        for name in taps:
-            if name not in available:
-                raise ValueError(f"model has no tap {name!r}; available: {tuple(available)}")
-    apply_kwargs = {"taps": tuple(taps)} if _accepts_taps(model) else {}
-
-    cast_inputs = False
-    if compute_dtype is not None:
-        compute_dtype = jnp.dtype(compute_dtype)
-        if not jnp.issubdtype(compute_dtype, jnp.floating):
-            raise TypeError(f"compute_dtype must be floating, got {compute_dtype}")
-        fields = getattr(type(model), "__dataclass_fields__", {})
-        if hasattr(model, "clone") and "dtype" in fields:
-            model = model.clone(dtype=compute_dtype)
-            variables = dict(variables)
-            if "params" in variables:
-                variables["params"] = _cast_floating(variables["params"], compute_dtype)
-        else:
-            variables = _cast_floating(variables, compute_dtype)
-            cast_inputs = True
-
-    def core(variables, images):
-        if jnp.ndim(images) != 4:
-            raise ValueError(f"images must be NHWC (B, H, W, C), got shape {jnp.shape(images)}")
-        check_floating("images", images)
-        if cast_inputs:
-            images = images.astype(compute_dtype)
-        acts = model.apply(variables, images, train=False, **apply_kwargs)
-        for name in taps:
-            if name not in acts:
-                raise ValueError(f"model did not return tap {name!r}; got {sorted(acts)}")
-        maps = [
-            acts[name].astype(jnp.promote_types(acts[name].dtype, jnp.float32)) for name in layers
-        ]
-        out = {
-            "patches": patchcore_features(
-                *maps, patch_size=patch_size, dim=dim, pretrain_dim=pretrain_dim, mode=mode
-            )
-        }
-        if embedding_layer is not None:
-            out["embedding"] = image_embedding(acts, embedding_layer)
-        return out
+    layers = _check_patch_layers(layers)
+    patch_size, pretrain_dim, dim = _check_sizes(mode, patch_size, pretrain_dim, dim)
+    taps = _requested_taps(model, layers, embedding_layer)
+    apply_kwargs = {"taps": taps} if _accepts_taps(model) else {}
+    model, variables, input_dtype = _with_compute_dtype(model, variables, compute_dtype)
+    patch_kwargs = dict(patch_size=patch_size, dim=dim, pretrain_dim=pretrain_dim, mode=mode)
+    core = _extract_fn(
+        model, apply_kwargs, taps, layers, embedding_layer, input_dtype, patch_kwargs
+    )
 
     # Committed device arrays: no host-to-device copy of the weights on each call.
     variables = jax.tree_util.tree_map(jnp.asarray, variables)

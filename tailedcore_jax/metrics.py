@@ -1,26 +1,16 @@
 """Evaluation metrics: AUROC, AUPR (average precision), FPR@TPR, pixel AUROC, AUPRO, F1-max.
 
-Everything except :func:`aupro` / :func:`pro_curve` is a jit- and vmap-able JAX function
-built on integer-key sorts and binary searches (O(n log n)); ties are handled exactly as scikit-learn does (one ROC/PR
-point per distinct score). ``aupro`` needs connected components of the ground-truth masks
-and runs on the host (numpy + ``scipy.ndimage.label``), like the MVTec AD reference code.
+All but :func:`aupro` / :func:`pro_curve` (host functions: numpy + ``scipy.ndimage.label``,
+like the MVTec AD reference code) are jit- and vmap-able, O(n log n) integer-key sorts and
+binary searches, with sklearn's tie handling (one ROC/PR point per distinct score).
 
-Degenerate input never yields a silent number (the official TailedCore code reports 0.0
-from a bare ``try/except``). Two kinds of checks:
-
-* *static* (shape, rank, dtype, empty input): always raise ``ValueError``/``TypeError``,
-  also under ``jax.jit``/``jax.vmap`` (they run at trace time);
-* *value* checks (NaN/inf scores, labels other than 0/1, only one class present, no valid
-  element): raise ``ValueError`` on concrete arrays. Under ``jit``/``vmap`` values are not
-  known, and the function returns ``NaN`` instead (for NaN scores, non-binary labels, or a
-  missing class); ``inf`` scores are ranked normally there.
-
-Scores are compared as float32 (float64 when given float64 with ``jax_enable_x64``);
-float16/bfloat16 are widened exactly. On XLA:CPU denormal floats (``|s| < 1.2e-38``)
-compare equal to 0 (flush-to-zero), unlike numpy/sklearn.
-
-Masks (``mask``, ``True`` = valid) let padded per-class test sets share one compiled
-function: the result equals the metric on the valid entries alone.
+Degenerate input never yields a silent number (the official TailedCore code reports 0.0 from
+a bare ``try/except``). Static checks (shape, rank, dtype, empty input) always raise, also at
+trace time. Value checks (NaN/inf scores, labels other than 0/1, one class only, no valid
+element) raise on concrete arrays; under ``jit``/``vmap`` the result is ``NaN`` instead
+(``inf`` scores are then ranked normally). Scores are compared as float32 (float64 with
+``jax_enable_x64``); XLA:CPU flushes denormals (``|s| < 1.2e-38``) to 0. ``mask`` (``True`` =
+valid) gives the metric of the valid entries alone, so padded test sets share one compilation.
 """
 
 import bisect
@@ -131,7 +121,7 @@ def _accurate_sum(x):
 def _order_key(scores):
     """Unsigned integers with the same order (and ties) as the float scores.
 
-    Sorting one integer array is several times faster on XLA:CPU than sorting floats or
+    Sorting one integer array is faster on XLA:CPU than sorting floats or
     several operands together, so the kernels below sort integer keys of one class at a
     time and count with ``searchsorted``. ``-0.0`` is folded onto ``+0.0`` first (equal as
     floats). NaN keys land above ``+inf`` (NaN input yields NaN anyway).
@@ -230,9 +220,8 @@ def auroc(
 ) -> Float[Array, ""]:
     """Area under the ROC curve, equal to ``sklearn.metrics.roc_auc_score(labels, scores)``.
 
-    Positive class = ``labels == 1`` (anomalous); higher scores rank as more positive. Ties
-    are handled as sklearn does (one ROC point per distinct score, trapezoidal area), here
-    through the equivalent Mann-Whitney statistic with average ranks.
+    Positive class = ``labels == 1``; computed as the Mann-Whitney statistic with average
+    ranks, which equals sklearn's trapezoidal area over distinct thresholds.
 
     Args:
         scores: ``(n,)`` floating scores.
@@ -244,9 +233,8 @@ def auroc(
         Scalar float32 AUROC in ``[0, 1]``.
 
     Raises:
-        ValueError: rank/shape mismatch or empty input (always); NaN/inf scores, non-binary
-            labels, a single class, or an all-False mask (concrete inputs only; under
-            ``jit``/``vmap`` these give ``NaN``, except inf which is ranked normally).
+        ValueError: rank/shape mismatch or empty input; on concrete inputs also NaN/inf
+            scores, non-binary labels, a single class, an all-False mask.
         TypeError: non-floating scores, unsupported label dtype, non-bool mask.
 
     Examples:
@@ -269,11 +257,9 @@ def aupr(
 ) -> Float[Array, ""]:
     """Area under the precision-recall curve as *average precision*.
 
-    Equal to ``sklearn.metrics.average_precision_score(labels, scores)``:
-    ``AP = sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds (predict positive
-    when ``score >= t``), i.e. the step-wise (not trapezoidal) area. Positive class =
-    ``labels == 1``. For OOD "AUPR-In"/"AUPR-Out" pass the class of interest as 1 and
-    orient the scores so that it scores higher.
+    ``AP = sum_k (R_k - R_{k-1}) P_k`` over the distinct thresholds (positive when
+    ``score >= t``), the step-wise area of ``sklearn.metrics.average_precision_score``. For
+    OOD "AUPR-In"/"AUPR-Out" label the class of interest 1 and let it score higher.
 
     Args:
         scores: ``(n,)`` floating scores.
@@ -302,9 +288,8 @@ def f1_max(
 ) -> Float[Array, ""]:
     """Maximum F1 score over all thresholds (anomalib ``F1Max``).
 
-    ``max_t 2 P(t) R(t) / (P(t) + R(t))`` over the distinct score thresholds (positive when
-    ``score >= t``), i.e. the maximum over ``sklearn.metrics.precision_recall_curve``'s
-    points. anomalib adds ``1e-10`` to the denominator; this computes the exact value.
+    ``max_t 2 P(t) R(t) / (P(t) + R(t))`` over the distinct thresholds (positive when
+    ``score >= t``), without anomalib's ``1e-10`` in the denominator.
 
     Args:
         scores: ``(n,)`` floating scores.
@@ -338,58 +323,9 @@ def _min_count_table(n_max: int, tpr: float) -> np.ndarray:
     return np.minimum(k, c).astype(np.int32)
 
 
-def fpr_at_tpr(
-    id_scores: Float[Array, " n"],
-    ood_scores: Float[Array, " m"],
-    tpr: float = 0.95,
-    *,
-    id_mask: Bool[Array, " n"] | None = None,
-    ood_mask: Bool[Array, " m"] | None = None,
-) -> Float[Array, ""]:
-    """False-positive rate on OOD samples at a given true-positive rate on ID samples (FPR95).
-
-    ID is the positive class and scores are "higher = more in-distribution" (the NAN
-    paper's convention, nan-spec section 5). With ``TPR(t) = #{id >= t} / n_id`` and
-    ``FPR(t) = #{ood >= t} / n_ood`` this returns
-
-        ``min { FPR(t) : TPR(t) >= tpr }``,
-
-    attained at ``t`` = the ``k``-th largest ID score with ``k`` the smallest integer such
-    that ``k / n_id >= tpr`` (the "5th percentile of ID scores" taken as an order
-    statistic, no interpolation). Ties: ID scores equal to ``t`` all count as detected (so
-    the TPR can exceed ``tpr``), and OOD scores equal to ``t`` count as false positives.
-    This equals ``min(fpr[tpr >= 0.95])`` over ``sklearn.metrics.roc_curve(...,
-    drop_intermediate=False)`` with ID as positive. It differs from OpenOOD (OOD positive)
-    and from ``fpr_and_fdr_at_recall`` (nearest point to the target recall).
-
-    Args:
-        id_scores: ``(n,)`` in-distribution scores.
-        ood_scores: ``(m,)`` out-of-distribution scores.
-        tpr: target true-positive rate in ``(0, 1]``; a Python float (static).
-        id_mask: optional ``(n,)`` bool validity mask for ``id_scores``.
-        ood_mask: optional ``(m,)`` bool validity mask for ``ood_scores``.
-
-    Returns:
-        Scalar float32 FPR in ``[0, 1]`` (multiply by 100 for the paper's tables).
-
-    Raises:
-        ValueError: wrong rank, empty input, ``tpr`` outside ``(0, 1]``, mask shape
-            (always); NaN/inf scores or an all-False mask (concrete inputs only; under
-            ``jit``/``vmap`` NaN scores or no valid entry give ``NaN``).
-        TypeError: non-floating scores, non-bool masks, a traced ``tpr``.
-    """
-    check_rank("id_scores", id_scores, 1)
-    check_rank("ood_scores", ood_scores, 1)
-    check_floating("id_scores", id_scores)
-    check_floating("ood_scores", ood_scores)
-    if isinstance(tpr, jax.core.Tracer):
-        raise TypeError("tpr must be a static Python float (bind it with functools.partial)")
-    tpr = float(tpr)
-    if not (0.0 < tpr <= 1.0):
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+def _check_id_ood_masks_and_values(id_scores, ood_scores, id_mask, ood_mask) -> None:
+    """Mask shapes/dtypes (always), then finite values (concrete inputs only)."""
     n, m = jnp.shape(id_scores)[0], jnp.shape(ood_scores)[0]
-    if n == 0 or m == 0:
-        raise ValueError(f"id_scores and ood_scores must be non-empty, got sizes {n} and {m}")
     for name, mk, size in (("id_mask", id_mask, n), ("ood_mask", ood_mask, m)):
         if mk is not None:
             if jnp.shape(mk) != (size,):
@@ -408,6 +344,54 @@ def fpr_at_tpr(
                     f"{name} contains non-finite values "
                     f"({int(np.isnan(v).sum())} NaN, {int(np.isinf(v).sum())} inf)"
                 )
+
+
+def fpr_at_tpr(
+    id_scores: Float[Array, " n"],
+    ood_scores: Float[Array, " m"],
+    tpr: float = 0.95,
+    *,
+    id_mask: Bool[Array, " n"] | None = None,
+    ood_mask: Bool[Array, " m"] | None = None,
+) -> Float[Array, ""]:
+    """False-positive rate on OOD samples at a given true-positive rate on ID samples (FPR95).
+
+    ``min { FPR(t) : TPR(t) >= tpr }`` with ``TPR(t) = #{id >= t} / n_id``, ``FPR(t) =
+    #{ood >= t} / n_ood``: ID is positive and scores higher (the NAN paper's convention).
+    ``t`` is the ``k``-th largest ID score, ``k`` the smallest integer with ``k / n_id >=
+    tpr`` (no interpolation); scores tied with ``t`` count as detected / false positives.
+    Equals ``min(fpr[tpr >= 0.95])`` of ``sklearn.metrics.roc_curve(...,
+    drop_intermediate=False)`` with ID positive (not OpenOOD's OOD-positive variant, nor
+    ``fpr_and_fdr_at_recall``'s nearest point).
+
+    Args:
+        id_scores: ``(n,)`` in-distribution scores.
+        ood_scores: ``(m,)`` out-of-distribution scores.
+        tpr: target true-positive rate in ``(0, 1]``; a Python float (static).
+        id_mask: optional ``(n,)`` bool validity mask for ``id_scores``.
+        ood_mask: optional ``(m,)`` bool validity mask for ``ood_scores``.
+
+    Returns:
+        Scalar float32 FPR in ``[0, 1]`` (multiply by 100 for the paper's tables).
+
+    Raises:
+        ValueError: wrong rank, empty input, ``tpr`` outside ``(0, 1]``, mask shape; on
+            concrete inputs also NaN/inf scores or an all-False mask.
+        TypeError: non-floating scores, non-bool masks, a traced ``tpr``.
+    """
+    check_rank("id_scores", id_scores, 1)
+    check_rank("ood_scores", ood_scores, 1)
+    check_floating("id_scores", id_scores)
+    check_floating("ood_scores", ood_scores)
+    if isinstance(tpr, jax.core.Tracer):
+        raise TypeError("tpr must be a static Python float (bind it with functools.partial)")
+    tpr = float(tpr)
+    if not (0.0 < tpr <= 1.0):
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    n, m = jnp.shape(id_scores)[0], jnp.shape(ood_scores)[0]
+    if n == 0 or m == 0:
+        raise ValueError(f"id_scores and ood_scores must be non-empty, got sizes {n} and {m}")
+    _check_id_ood_masks_and_values(id_scores, ood_scores, id_mask, ood_mask)
 
     return _fpr_at_tpr_jit(id_scores, ood_scores, id_mask, ood_mask, tpr=tpr)
 
@@ -446,9 +430,8 @@ def pixel_auroc(
 ) -> Float[Array, ""]:
     """Pixel-level AUROC: :func:`auroc` over all pixels of all images, flattened.
 
-    Equals ``roc_auc_score(masks.ravel(), maps.ravel())`` as used by patchcore-inspection /
-    TailedCore. Memory: a few ``B*H*W`` int32/uint32 work arrays (one integer sort and two
-    binary searches), i.e. roughly 20 bytes per pixel.
+    Equals ``roc_auc_score(masks.ravel(), maps.ravel())`` of patchcore-inspection /
+    TailedCore; works in a few ``B*H*W`` 32-bit arrays.
 
     Args:
         maps: ``(B, H, W)`` anomaly maps.
@@ -517,6 +500,27 @@ def _check_maps_masks(maps, masks):
     return maps, masks.astype(bool)
 
 
+def _pro_weights(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-pixel weights of the PRO curve: ``(fp_w, pro_w, num_regions)``.
+
+    ``fp_w`` is 1 on defect-free pixels, ``pro_w`` is ``1 / |region|`` on the pixels of each
+    8-connected ground-truth region, so cumulative sums over pixels sorted by score give the
+    false positives and the summed per-region overlaps.
+    """
+    fp_w = np.zeros(masks.shape, np.float64)
+    pro_w = np.zeros(masks.shape, np.float64)
+    num_regions = 0
+    for i in range(masks.shape[0]):
+        labeled, n_comp = _label_components(masks[i])
+        fp_w[i] = labeled == 0
+        if n_comp:
+            sizes = np.bincount(labeled.ravel(), minlength=n_comp + 1).astype(np.float64)
+            inv = np.where(labeled > 0, 1.0 / sizes[labeled], 0.0)
+            pro_w[i] = inv
+        num_regions += n_comp
+    return fp_w, pro_w, num_regions
+
+
 def pro_curve(
     maps: Float[Array, "b h w"],
     masks: Array,
@@ -525,18 +529,12 @@ def pro_curve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-region-overlap (PRO) curve of the MVTec AD evaluation (host function, numpy).
 
-    Reimplementation of ``compute_pro`` in the MVTec AD evaluation code
-    (``generic_util.py``, MVTec Software GmbH; Bergmann et al.). For a threshold ``t``
-    (a pixel is predicted defective when ``score >= t``):
-
-    * ``FPR(t)`` = fraction of defect-free pixels (mask 0, all images) predicted defective;
-    * ``PRO(t)`` = mean over all ground-truth regions (8-connected components of each
-      image's mask) of the fraction of the region's pixels predicted defective.
-
-    The exact curve has one point per distinct score (sorted-scores algorithm,
-    O(P log P)), preceded by ``(0, 0)``. With ``num_thresholds`` the curve is evaluated
-    only at ``num_thresholds`` thresholds evenly spaced between the smallest and largest
-    score (an approximation, like anomalib's binned variant), again preceded by ``(0, 0)``.
+    Reimplementation of ``compute_pro`` of the MVTec AD evaluation code (``generic_util.py``).
+    With pixels predicted defective when ``score >= t``: ``FPR(t)`` = fraction of defect-free
+    pixels predicted defective, ``PRO(t)`` = mean over ground-truth regions (8-connected
+    components per image) of the fraction of the region predicted defective. The exact curve
+    has one point per distinct score; ``num_thresholds`` evaluates it at evenly spaced
+    thresholds instead (anomalib's binned approximation). Both start with ``(0, 0)``.
 
     Args:
         maps: ``(B, H, W)`` anomaly maps (numpy or JAX, concrete).
@@ -556,17 +554,7 @@ def pro_curve(
         not isinstance(num_thresholds, (int, np.integer)) or num_thresholds < 2
     ):
         raise ValueError(f"num_thresholds must be None or an int >= 2, got {num_thresholds!r}")
-    fp_w = np.zeros(maps.shape, np.float64)
-    pro_w = np.zeros(maps.shape, np.float64)
-    num_regions = 0
-    for i in range(masks.shape[0]):
-        labeled, n_comp = _label_components(masks[i])
-        fp_w[i] = labeled == 0
-        if n_comp:
-            sizes = np.bincount(labeled.ravel(), minlength=n_comp + 1).astype(np.float64)
-            inv = np.where(labeled > 0, 1.0 / sizes[labeled], 0.0)
-            pro_w[i] = inv
-        num_regions += n_comp
+    fp_w, pro_w, num_regions = _pro_weights(masks)
     num_ok = fp_w.sum()
     if num_regions == 0:
         raise ValueError("masks contain no defect pixel: the PRO curve is undefined")
@@ -617,16 +605,13 @@ def aupro(
 ) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD "AU-PRO").
 
-    Reimplementation of ``calculate_au_pro`` in the MVTec AD evaluation code: the
-    :func:`pro_curve` is integrated with the trapezoidal rule over ``FPR in [0, fpr_limit]``
-    (the curve linearly interpolated at ``fpr_limit``) and divided by ``fpr_limit``, so a
-    perfect detector scores 1.0. Host function (numpy + ``scipy.ndimage.label``); not
-    jit-able.
+    ``(1 / fpr_limit) * integral_0^fpr_limit PRO d FPR`` (trapezoidal, the curve linearly
+    interpolated at ``fpr_limit``): ``calculate_au_pro`` of the MVTec AD evaluation code. A
+    perfect detector scores 1.0. Host function, not jit-able.
 
     Args:
         maps: ``(B, H, W)`` anomaly maps (higher = more anomalous).
-        masks: ``(B, H, W)`` binary ground-truth masks; images without defects are allowed
-            (they contribute defect-free pixels only).
+        masks: ``(B, H, W)`` binary ground-truth masks (defect-free images allowed).
         fpr_limit: integration limit in ``(0, 1]``; 0.3 as in MVTec AD.
         num_thresholds: ``None`` (default, exact) or the number of evenly spaced thresholds
             of an approximate curve.
@@ -654,8 +639,7 @@ def minmax_normalize(x: Array, *, eps: float = 1e-5) -> Array:
     """``(x - min) / (max - min + eps)`` over all entries of ``x`` (TailedCore's normalisation).
 
     JAX port of ``utils.minmax_normalize_image_scores`` / ``minmax_normalize_score_masks`` in
-    jungyg/TailedCore: for image scores ``(N,)`` and for maps ``(B, H, W)`` (min and max over
-    all pixels of all images of the class). Monotone, so it changes no AUROC.
+    jungyg/TailedCore (image scores ``(N,)`` or all maps ``(B, H, W)`` of a class).
 
     Args:
         x: floating array of any shape (non-empty).

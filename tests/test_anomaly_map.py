@@ -92,7 +92,7 @@ def test_resize_matrix_rows_sum_to_one():
 
 
 def test_upsampling_equals_jax_image_resize(rng):
-    # peers-and-performance 1.6: jax.image.resize('linear') == torch bilinear when upsampling
+    # jax.image.resize('linear') equals torch's bilinear interpolation when upsampling
     x = rng.normal(size=(2, 28, 28)).astype(np.float32)
     ref = jax.image.resize(jnp.asarray(x), (2, 224, 224), "linear")
     _close(anomaly_maps(x, 224, sigma=None), np.asarray(ref))

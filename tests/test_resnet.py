@@ -82,7 +82,7 @@ def test_cifar_fixture_is_resnet18_cifar(fixture_data):
 
 def test_parity_fails_with_same_padding(fixture_data):
     """Negative control: torch pads (1, 1) while 'SAME' pads (0, 1) on even sizes, and the
-    tolerance above is tight enough to see the difference (peers-and-performance 1.6)."""
+    tolerance above is tight enough to see the half-pixel shift."""
     _, sd, template = _net(fixture_data, "bottleneck")
     model, variables = torchvision_to_flax(sd, template)
     images = fixture_data["bottleneck/input"]

@@ -1,19 +1,12 @@
 """A feature-level long-tail noisy benchmark: generated patch features, no backbone.
 
-Each product class ``c`` has its own normal patch distribution, one mean per patch position
-(``class_mean[c] + position_mean[c, p]`` plus isotropic noise), and a few defect directions.
-A defective image replaces a few random patches with ``normal + defect_direction``.
-
-- Head classes have many training images; a ``noise_ratio`` of them are copies of the
-  class's defective *test* images (the paper's "overlap" protocol: the injected defects stay
-  in the test set), so a memory that keeps every training patch memorises the defects.
-- Tail classes have 1-5 clean training images. Their patches are isolated at every patch
-  position, so a patch-level LOF filter removes them.
-
-This reproduces, at a size that runs in seconds, the trade-off of TailedCore (CVPR 2025)
-Table 1: PatchCore loses on noisy head classes, SoftPatch on tail classes, TailedCore holds
-both. Host-side numpy (``np.random.default_rng(seed)``), used by
-``benchmarks/bench_tail_noise.py`` and the tests.
+Every class has its own Gaussian patch distribution per patch position and a few defect
+directions (``_Mixture``). Head classes have many training images, a ``noise_ratio`` of them
+copies of the class's defective test images (the "overlap" protocol), so a memory that keeps
+every training patch memorises the defects. Tail classes have a few clean images whose
+patches are isolated, so a patch-level LOF filter removes them. This reproduces, small, the
+trade-off of TailedCore (CVPR 2025) Table 1: PatchCore loses on noisy head classes, SoftPatch
+on tail classes, TailedCore holds both. Host-side numpy (``np.random.default_rng(seed)``).
 """
 
 from __future__ import annotations
@@ -50,6 +43,50 @@ class FeatureBenchmark(NamedTuple):
     is_tail_class: np.ndarray
 
 
+class _Mixture:
+    """The generative model of one instance; every method draws from ``rng`` in call order.
+
+    Class ``c``: normal patch ``p`` of an image is ``class_mean[c] + position_mean[c, p] +
+    N(0, patch_noise^2 I)``; a defect adds ``defect_dirs[c, kind]`` (norm ``defect_strength *
+    sqrt(dim) * patch_noise``) plus small noise to ``defect_patches`` random positions; the
+    image embedding is ``emb_centres[c]`` (unit norm) plus ``N(0, embedding_noise^2 I)``.
+    """
+
+    def __init__(self, rng, num_classes, *, num_positions, dim, embedding_dim,
+                 num_defect_types, patch_noise, defect_strength, embedding_noise):
+        self.rng = rng
+        self.num_positions, self.dim, self.embedding_dim = num_positions, dim, embedding_dim
+        self.num_defect_types, self.patch_noise = num_defect_types, patch_noise
+        self.embedding_noise = embedding_noise
+        self.class_mean = rng.normal(size=(num_classes, 1, dim)) * 1.5
+        self.position_mean = rng.normal(size=(num_classes, num_positions, dim)) * 0.8
+        defect_dirs = rng.normal(size=(num_classes, num_defect_types, dim))
+        defect_dirs *= defect_strength / np.linalg.norm(defect_dirs, axis=-1, keepdims=True)
+        self.defect_dirs = defect_dirs * (np.sqrt(dim) * patch_noise)
+        emb_centres = rng.normal(size=(num_classes, embedding_dim))
+        self.emb_centres = emb_centres / np.linalg.norm(emb_centres, axis=-1, keepdims=True)
+
+    def normal_images(self, c: int, n: int) -> np.ndarray:
+        eps = self.rng.normal(size=(n, self.num_positions, self.dim)) * self.patch_noise
+        return self.class_mean[c] + self.position_mean[c] + eps
+
+    def defective(self, c: int, imgs: np.ndarray, defect_patches: int) -> np.ndarray:
+        rng, imgs = self.rng, imgs.copy()
+        for i in range(imgs.shape[0]):
+            where = rng.choice(self.num_positions, size=defect_patches, replace=False)
+            kind = rng.integers(self.num_defect_types)
+            jitter = rng.normal(size=(defect_patches, self.dim)) * 0.2 * self.patch_noise
+            imgs[i, where] += self.defect_dirs[c, kind] + jitter
+        return imgs
+
+    def embed(self, c: int, n: int, shift: float = 0.0) -> np.ndarray:
+        noise = self.rng.normal(size=(n, self.embedding_dim)) * self.embedding_noise
+        e = self.emb_centres[c] + noise
+        if shift:
+            e = e + self.rng.normal(size=(n, self.embedding_dim)) * shift
+        return e
+
+
 def long_tail_noisy_features(
     seed: int = 0,
     *,
@@ -76,62 +113,44 @@ def long_tail_noisy_features(
         tail_sizes: training images of each tail class (never noisy).
         num_positions: patch positions per image ``P``. dim: patch feature dimension ``D``.
         embedding_dim: image embedding dimension ``E``.
-        noise_ratio: fraction of injected defective images in head classes.
+        noise_ratio: fraction in ``[0, 1)`` of injected defective images in head classes.
         test_good, test_defect: test images per class.
         defect_patches: anomalous patches per defective image.
         num_defect_types: defect directions per class (test defects share them, so a
             memorised training defect also hides its siblings).
         patch_noise: std of normal patch variation. defect_strength: norm of a defect
             direction relative to ``sqrt(dim)``. embedding_noise: per-image embedding jitter.
+
+    Returns:
+        :class:`FeatureBenchmark`, classes in the order ``head_sizes + tail_sizes``.
+
+    Raises:
+        ValueError: ``noise_ratio`` outside ``[0, 1)``, ``defect_patches > num_positions``.
     """
     if not 0.0 <= noise_ratio < 1.0:
         raise ValueError(f"noise_ratio must be in [0, 1), got {noise_ratio}")
     if defect_patches > num_positions:
         raise ValueError("defect_patches cannot exceed num_positions")
-    rng = np.random.default_rng(seed)
     sizes = list(head_sizes) + list(tail_sizes)
-    num_classes = len(sizes)
     is_tail = np.array([False] * len(head_sizes) + [True] * len(tail_sizes))
-    class_mean = rng.normal(size=(num_classes, 1, dim)) * 1.5
-    position_mean = rng.normal(size=(num_classes, num_positions, dim)) * 0.8
-    defect_dirs = rng.normal(size=(num_classes, num_defect_types, dim))
-    defect_dirs *= defect_strength / np.linalg.norm(defect_dirs, axis=-1, keepdims=True)
-    defect_dirs *= np.sqrt(dim) * patch_noise
-    emb_centres = rng.normal(size=(num_classes, embedding_dim))
-    emb_centres /= np.linalg.norm(emb_centres, axis=-1, keepdims=True)
-
-    def normal_images(c: int, n: int) -> np.ndarray:
-        eps = rng.normal(size=(n, num_positions, dim)) * patch_noise
-        return class_mean[c] + position_mean[c] + eps
-
-    def defective(c: int, imgs: np.ndarray) -> np.ndarray:
-        imgs = imgs.copy()
-        for i in range(imgs.shape[0]):
-            where = rng.choice(num_positions, size=defect_patches, replace=False)
-            kind = rng.integers(num_defect_types)
-            imgs[i, where] += defect_dirs[c, kind] + rng.normal(size=(defect_patches, dim)) * 0.2 * patch_noise
-        return imgs
-
-    def embed(c: int, n: int, shift: float = 0.0) -> np.ndarray:
-        e = emb_centres[c] + rng.normal(size=(n, embedding_dim)) * embedding_noise
-        if shift:
-            e = e + rng.normal(size=(n, embedding_dim)) * shift
-        return e
-
+    gen = _Mixture(
+        np.random.default_rng(seed), len(sizes), num_positions=num_positions, dim=dim,
+        embedding_dim=embedding_dim, num_defect_types=num_defect_types, patch_noise=patch_noise,
+        defect_strength=defect_strength, embedding_noise=embedding_noise,
+    )
     tr_p, tr_e, tr_c, tr_noise = [], [], [], []
-    te_p, te_y, te_c = [], [], []
-    counts = []
+    te_p, te_y, te_c, counts = [], [], [], []
     for c, size in enumerate(sizes):
-        good = normal_images(c, size)
-        test_g = normal_images(c, test_good)
-        test_d = defective(c, normal_images(c, test_defect))
+        good = gen.normal_images(c, size)
+        test_g = gen.normal_images(c, test_good)
+        test_d = gen.defective(c, gen.normal_images(c, test_defect), defect_patches)
         te_p += [test_g, test_d]
         te_y += [np.zeros(test_good, int), np.ones(test_defect, int)]
         te_c += [np.full(test_good + test_defect, c)]
         n_noise = 0 if is_tail[c] else int(round(noise_ratio * size))
         n_noise = min(n_noise, test_defect)
         tr_p += [good, test_d[:n_noise]]
-        tr_e += [embed(c, size), embed(c, n_noise, shift=embedding_noise)]
+        tr_e += [gen.embed(c, size), gen.embed(c, n_noise, shift=embedding_noise)]
         tr_c += [np.full(size + n_noise, c)]
         tr_noise += [np.zeros(size, bool), np.ones(n_noise, bool)]
         counts.append(size + n_noise)
@@ -152,9 +171,8 @@ def long_tail_noisy_features(
 def augment_patches(patches: np.ndarray, copies: int, *, seed: int = 0, jitter: float = 0.15) -> np.ndarray:
     """Feature-level stand-in for TailedCore's rotate/flip tail augmentation.
 
-    A rotated or flipped copy of an image moves its patches to other positions and slightly
-    changes them; here each copy applies one random permutation of the patch positions (shared
-    by all images of that copy, like one angle/flip pair) and adds small Gaussian jitter.
+    Each copy permutes the patch positions (one random permutation per copy, like one
+    angle/flip pair) and adds Gaussian jitter.
 
     Args:
         patches: ``(T, P, D)`` patch features of the tail images.
@@ -162,8 +180,7 @@ def augment_patches(patches: np.ndarray, copies: int, *, seed: int = 0, jitter: 
         seed: numpy seed. jitter: std of the added noise relative to the patch std.
 
     Returns:
-        ``(copies * T, P, D)`` float32, ordered copy-major (copy -> image), as the official
-        batch -> angle -> flip -> image order within one batch.
+        ``(copies * T, P, D)`` float32, copy-major (copy -> image) as the official order.
     """
     patches = np.asarray(patches, np.float32)
     if patches.ndim != 3:

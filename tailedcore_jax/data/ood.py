@@ -3,30 +3,19 @@
 Two sources:
 
 * **tensorflow-datasets** through ``tfds.data_source`` (random access to ArrayRecord files,
-  decoded to NumPy; TensorFlow is *not* needed to read): CIFAR-10/100, SVHN, DTD (textures),
-  Places365 and LSUN. Nothing is ever downloaded here (``download=False``): a dataset that has
-  not been prepared in ``data_dir`` raises :class:`DatasetNotPreparedError` naming the dataset,
-  the directory and the command that prepares it.
+  no TensorFlow needed): CIFAR-10/100, SVHN, DTD (textures), Places365 and LSUN. Nothing is
+  downloaded (``download=False``); a dataset not prepared in ``data_dir`` raises
+  :class:`DatasetNotPreparedError` with the command that prepares it, once, on a machine with
+  network access: ``tfds build cifar10 --data_dir DIR --file_format array_record``
+  (``tfds.data_source`` cannot read the TFRecord default).
 * **the offline default**, generated from a seed: the synthetic product images of
   :mod:`tailedcore_jax.data.synthetic` as an in-distribution classification set (label =
-  product class), the held-out product classes as a near-OOD set (``synthetic_heldout``), and
-  procedural far-OOD sets: ``gaussian_noise``, ``uniform_noise``, ``blobs`` (smooth colour
-  blobs) and ``gratings`` (random-orientation two-colour sinusoidal stripes).
+  product class), the held-out classes as a near-OOD set (``synthetic_heldout``), and
+  procedural far-OOD sets ``gaussian_noise``, ``uniform_noise``, ``blobs``, ``gratings``.
 
-Every loader returns ``uint8`` NHWC arrays at the in-distribution resolution: images of another
-size are resized (shorter side, PIL bilinear with antialiasing, as torchvision ``Resize(size)``)
-and centre-cropped (torchvision ``CenterCrop``), :func:`resize_center_crop`.
-
-Preparing a TFDS dataset (on a machine with network access, once)::
-
-    tfds build cifar10 --data_dir DIR --file_format array_record
-    # or: tfds.builder("cifar10", data_dir=DIR).download_and_prepare(file_format="array_record")
-
-``tfds.data_source`` only reads the ``array_record`` (or ``parquet``) file format; a dataset
-prepared as TFRecord (the ``tfds build`` default) must be rebuilt with ``--file_format``.
-
-Determinism: subsets and generated images are drawn from ``np.random.SeedSequence(seed,
-spawn_key=...)``, never from global state.
+Every loader returns ``uint8`` NHWC arrays at the in-distribution resolution
+(:func:`resize_center_crop`: torchvision ``Resize(size)`` + ``CenterCrop`` on PIL images).
+Subsets and generated images come from ``np.random.SeedSequence(seed, spawn_key=...)``.
 """
 
 from __future__ import annotations
@@ -90,8 +79,8 @@ SYNTHETIC_HELDOUT_CLASSES = tuple(c for c in SYNTHETIC_CLASSES if c not in SYNTH
 
 ID_DATASETS = ("synthetic", "cifar10", "cifar100")
 KNOWN_OOD_SETS = ("synthetic_heldout",) + PROCEDURAL_OOD_SETS + tuple(TFDS_DATASETS)
-#: OOD sets used when none are named, per ID dataset (the CIFAR lists follow nan-spec section 5
-#: as far as TFDS has the sets: SVHN, Textures, Places365, LSUN and the other CIFAR).
+#: OOD sets used when none are named, per ID dataset (for CIFAR the usual OOD benchmark sets
+#: that TFDS has: SVHN, Textures, Places365, LSUN and the other CIFAR).
 DEFAULT_OOD_SETS = {
     "synthetic": ("synthetic_heldout",) + PROCEDURAL_OOD_SETS,
     "cifar10": ("cifar100", "svhn", "dtd", "places365", "lsun"),
@@ -329,15 +318,23 @@ def synthetic_classification(
 ) -> ClassificationData:
     """The synthetic product images as an in-distribution classification set.
 
-    Good (defect-free) images of :func:`tailedcore_jax.data.synthetic.synthetic_image`
-    (training images from its ``train`` split, test images from its ``test`` split, so they
-    never coincide), rendered at ``render_size`` and resized to ``image_size``. Label ``i`` =
-    product class ``classes[i]``. With ``recolour`` every image gets a random channel
-    permutation and per-channel gain (0.6-1.4), so that colour alone does not give the class
-    away. Off by default: measured with ``experiments.nan_ood`` (width 32, 12 epochs), the
-    recoloured task is harder (99 % instead of 100 % test accuracy) but the network then
-    responds more strongly to the noise sets than to ID images, and every score, NAN
-    included, drops below 50 % AUROC on them.
+    Good images of :func:`~tailedcore_jax.data.synthetic.synthetic_image` (train / test from
+    its ``train`` / ``test`` split), rendered at ``render_size``, resized to ``image_size``;
+    label ``i`` = ``classes[i]``.
+
+    Args:
+        seed: generator seed.
+        classes: distinct names from :data:`~tailedcore_jax.data.synthetic.SYNTHETIC_CLASSES`.
+        n_train_per_class, n_test_per_class: images per class and split (>= 1).
+        image_size: side of the returned images.
+        render_size: side the images are rendered at (>= 96) before resizing.
+        recolour: a random channel permutation and per-channel gain (0.6-1.4) per image, so
+            color alone does not give the class away. Off by default: a classifier trained
+            on the recolored task responds more to the noise sets than to ID images, and every
+            OOD score, NAN included, falls below chance there.
+
+    Returns:
+        :class:`ClassificationData` named ``"synthetic"``.
 
     Raises:
         ValueError: unknown/duplicate classes, sizes < 1.

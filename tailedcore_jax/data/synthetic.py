@@ -1,31 +1,27 @@
 """A procedural long-tail noisy anomaly-detection dataset (the offline default).
 
 Host-side module (NumPy + PIL only). No real dataset or pretrained weight can be downloaded
-on the development and CI machines, so the default experiment runs on this generated data.
-The design follows ``docs/synthetic-default.md`` (measured with the official PyTorch pipeline
-and a random ResNet-18: TailedCore > PatchCore > SoftPatch on every dataset seed):
+on the development and CI machines, so the default experiment runs on this generated data
+(with a random ResNet-18 and BatchNorm recalibration as the backbone):
 
 * 256 x 256 RGB images, defects kept inside the centre-crop window (16 px margin of the
   256 -> 224 crop, also inside the 146 -> 128 crop of the 128-px recipe);
-* 10 product classes with distinct colour families and structures -- textures
+* 10 product classes with distinct color families and structures -- textures
   (``stripes`` diagonal stripes, ``checker`` checkerboard, ``dots``, ``weave`` basket weave,
   ``mesh`` square mesh) and objects on a plain background (``gear`` toothed disc, ``ring``
   torus, ``screw`` shaft with thread marks and a head, ``cap`` bottle cap with a marking,
   ``nut`` hexagonal nut);
 * per-image variation: texture rotation (+-4 degrees) and phase, object position jitter
-  (+-8 px), free rotation of rotation-symmetric objects, colour gain (2 % std per channel)
-  and brightness (+-3 %), mild Gaussian pixel noise (std 2 of 255);
+  (+-8 px), free rotation of rotation-symmetric objects, color gain (std 0.02 per channel),
+  brightness (+-0.03) and Gaussian pixel noise (std 2 of 255);
 * five defect types with exact 0/255 masks (the mask is exactly the set of pixels the defect
   changed): ``scratch`` (thin curved line, 60-110 px long, 2-3.5 px wide, light on dark or
   dark on light), ``hole`` (near-black ellipse, 9-16 px radii, with a darker -- or, on dark
   surfaces, brighter -- rim), ``stain`` (multi-lobed translucent blob, 13-22 px, another hue
   and a clearly different brightness), ``missing_part`` (a 16-24 px bite out of an object's
-  outline filled with background; a bald patch of the mean colour on textures),
-  ``contamination`` (a cluster of 6-12 specks of 2-4 px radius). These are about 1.5x the
-  prototype's sizes: at the 128-px recipe the prototype sizes were hardly visible to a
-  random ResNet-18 in a rough PatchCore check (mean image AUROC 0.67 on the balanced split,
-  0.81-0.83 with these);
-  ``_SIZES`` and ``_VARIATION`` hold the numbers;
+  outline filled with background; a bald patch of the mean color on textures),
+  ``contamination`` (a cluster of 6-12 specks of 2-4 px radius); sizes are large enough to
+  stay visible at the 128-px recipe (``_SIZES`` and ``_VARIATION`` hold the numbers);
 * long-tail splits: ``pareto`` sizes 60, 40, 30, 20, 12, 8, 5, 3, 2, 1 (class order shuffled
   by the seed), ``step_k4`` four classes of 40 and six of 4, ``step_k1`` four of 40 and six
   of 1, ``balanced`` 30 each; noise: ``round(noise_ratio * size)`` test defects injected
@@ -34,9 +30,9 @@ and a random ResNet-18: TailedCore > PatchCore > SoftPatch on every dataset seed
 
 Determinism: every image has its own ``np.random.SeedSequence(seed, spawn_key=(class,
 split, defect, index))``, so a subset (e.g. fewer training images) is generated identically
-and the output does not depend on generation order. The class-size order uses ``np.random.default_rng([seed, 7919])`` and the choice of
-injected images ``np.random.default_rng([seed, 104729])``. The whole default dataset (466
-arrays, 451 distinct images) takes about 6-16 s on 2 CPU cores (PNG writing not included).
+and the output does not depend on generation order. The class-size order uses
+``np.random.default_rng([seed, 7919])``, the choice of injected images
+``np.random.default_rng([seed, 104729])``.
 
 Use in memory (:func:`make_synthetic` -> :class:`SyntheticDataset` of uint8 arrays; then
 ``mvtec.preprocess_images``) or on disk (:func:`write_synthetic` writes the built long-tail
@@ -76,8 +72,7 @@ SYNTHETIC_SETTINGS = ("pareto", "step_k4", "step_k1", "balanced")
 _SPLIT_CODE = {"train": 0, "test": 1}
 # per-image photometric variation: colour gain std, brightness range (+-), pixel noise std (0..255)
 _VARIATION = {"colour_gain": 0.02, "brightness": 0.03, "pixel_noise": 2.0}
-# defect sizes in pixels of the 256 px image (about 1.5x the prototype's, so that they
-# survive the 128 px recipe; see the module docstring)
+# defect sizes in pixels of the 256 px image (large enough to survive the 128 px recipe)
 _SIZES = {
     "scratch_length": (60.0, 110.0),
     "scratch_width": (2.0, 3.5),
@@ -513,6 +508,48 @@ _DEFECTS = {
 # --------------------------------------------------------------------------------------------
 
 
+def _check_image_args(class_name, defect, split, size) -> None:
+    if class_name not in _RENDER:
+        raise ValueError(f"unknown class {class_name!r}; expected one of {SYNTHETIC_CLASSES}")
+    if defect is not None and defect not in _DEFECTS:
+        raise ValueError(f"unknown defect {defect!r}; expected one of {SYNTHETIC_DEFECTS}")
+    if split not in _SPLIT_CODE:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if size < 96:
+        raise ValueError(f"size must be >= 96, got {size}")
+
+
+def _render_base(rng, class_name: str, g: _Grid):
+    """``(image float32 (S, S, 3), object mask, background or None, gain (3,), noise)``.
+
+    Draws, in this order: the class rendering, the color gain x brightness, the pixel noise.
+    """
+    size = g.size
+    out = _RENDER[class_name](rng, g, _PALETTE[class_name])
+    if isinstance(out, tuple):
+        img, obj, bg = out
+    else:
+        img, obj, bg = out, np.ones((size, size), bool), None
+    v = _VARIATION
+    gain = (
+        rng.normal(1.0, v["colour_gain"], size=3)
+        * rng.uniform(1 - v["brightness"], 1 + v["brightness"])
+    ).astype(np.float32)
+    noise = rng.standard_normal(size=(size, size, 3), dtype=np.float32) * np.float32(
+        v["pixel_noise"]
+    )
+    return np.asarray(img, np.float32), obj, bg, gain, noise
+
+
+def _place_defect(drng, defect: str, class_name: str, img, obj, bg, g: _Grid):
+    """``(image, bool mask)`` with one ``defect``; up to 50 placement attempts."""
+    for _ in range(50):
+        res = _DEFECTS[defect](drng, img, obj, bg, g)
+        if res is not None and res[1].any():
+            return res
+    raise RuntimeError(f"could not place a {defect} on {class_name}")  # pragma: no cover
+
+
 def synthetic_image(
     class_name: str,
     *,
@@ -537,19 +574,17 @@ def synthetic_image(
         split: ``"train"`` or ``"test"``.
         index: image index within (class, split, variant).
         defect: ``None`` (good) or one of :data:`SYNTHETIC_DEFECTS`.
-        size: image side (default 256; the design and margins assume 256).
+        variant: ``"good"`` or a defect name selecting the base-image stream (default
+            ``defect or "good"``).
+        size: image side >= 96 (default 256; the design and margins assume 256).
 
     Returns:
         ``(image (size, size, 3) uint8, mask (size, size) uint8 in {0, 255})``.
+
+    Raises:
+        ValueError: unknown class, defect or split; ``size < 96``.
     """
-    if class_name not in _RENDER:
-        raise ValueError(f"unknown class {class_name!r}; expected one of {SYNTHETIC_CLASSES}")
-    if defect is not None and defect not in _DEFECTS:
-        raise ValueError(f"unknown defect {defect!r}; expected one of {SYNTHETIC_DEFECTS}")
-    if split not in _SPLIT_CODE:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if size < 96:
-        raise ValueError(f"size must be >= 96, got {size}")
+    _check_image_args(class_name, defect, split, size)
     variant = variant if variant is not None else (defect or "good")
     vcode = 0 if variant == "good" else 1 + SYNTHETIC_DEFECTS.index(variant)
     ss = np.random.SeedSequence(
@@ -557,33 +592,12 @@ def synthetic_image(
         spawn_key=(SYNTHETIC_CLASSES.index(class_name), _SPLIT_CODE[split], vcode, int(index)),
     )
     base_ss, defect_ss = ss.spawn(2)
-    rng = np.random.default_rng(base_ss)
     g = _grid(size)
-    pal = _PALETTE[class_name]
-    out = _RENDER[class_name](rng, g, pal)
-    if isinstance(out, tuple):
-        img, obj, bg = out
-    else:
-        img, obj, bg = out, np.ones((size, size), bool), None
-    v = _VARIATION
-    gain = (
-        rng.normal(1.0, v["colour_gain"], size=3)
-        * rng.uniform(1 - v["brightness"], 1 + v["brightness"])
-    ).astype(np.float32)
-    noise = rng.standard_normal(size=(size, size, 3), dtype=np.float32) * np.float32(
-        v["pixel_noise"]
-    )
-    img = np.asarray(img, np.float32)
+    img, obj, bg, gain, noise = _render_base(np.random.default_rng(base_ss), class_name, g)
     mask = np.zeros((size, size), bool)
     if defect is not None:
         drng = np.random.default_rng(defect_ss)
-        for _ in range(50):
-            res = _DEFECTS[defect](drng, img, obj, bg, g)
-            if res is not None and res[1].any():
-                img, mask = res
-                break
-        else:  # pragma: no cover - every class has room for every defect
-            raise RuntimeError(f"could not place a {defect} on {class_name}")
+        img, mask = _place_defect(drng, defect, class_name, img, obj, bg, g)
     img = np.clip(img * gain + noise, 0, 255)
     img = np.rint(img).astype(np.uint8)
     return img, mask.astype(np.uint8) * np.uint8(255)
@@ -658,6 +672,61 @@ def synthetic_class_sizes(
     return {classes[i]: sizes[j] for j, i in enumerate(perm)}
 
 
+def _resolve_sizes(classes, setting, class_sizes, noise_ratio, seed):
+    """Validated ``(classes sorted, {class: normal training images}, setting)``."""
+    classes = tuple(sorted(classes))
+    unknown = set(classes) - set(SYNTHETIC_CLASSES)
+    if unknown or not classes:
+        raise ValueError(
+            f"classes must be a non-empty subset of {SYNTHETIC_CLASSES}, got {list(classes)}"
+        )
+    if not 0 <= noise_ratio <= 1:
+        raise ValueError(f"noise_ratio must be in [0, 1], got {noise_ratio}")
+    if class_sizes is None:
+        sizes = synthetic_class_sizes(setting, seed=seed, classes=classes)
+    else:
+        sizes = {c: int(class_sizes.get(c, 0)) for c in classes}
+        setting = "custom"
+    if any(n < 0 for n in sizes.values()):
+        raise ValueError(f"class sizes must be >= 0, got {sizes}")
+    return classes, sizes, setting
+
+
+def _class_test_set(c, *, seed, n_good, n_per_defect, image_size):
+    """``(test items, defect items)`` of one class; an item is ``(image, mask, label,
+    defect type, key)``. Test items are in the official loader order: folders sorted
+    (``good`` among the defect names), file names sorted within a folder."""
+    good = []
+    for i in range(n_good):
+        im, m = synthetic_image(c, seed=seed, split="test", index=i, size=image_size)
+        good.append((im, m, 0, "good", f"{c}/test/good/{i:03d}.png"))
+    defect_items = []
+    for d in sorted(SYNTHETIC_DEFECTS):
+        for i in range(n_per_defect):
+            im, m = synthetic_image(c, seed=seed, split="test", index=i, defect=d, size=image_size)
+            defect_items.append((im, m, 1, d, f"{c}/test/{d}/{i:03d}.png"))
+    return sorted(good + defect_items, key=lambda t: (t[3], t[4])), defect_items
+
+
+def _class_train_set(c, n, *, seed, image_size, defect_items, n_noise, rng):
+    """Sorted ``(file name, image, is_noise)`` of one class: ``n`` normal images plus
+    ``n_noise`` test defects drawn (without replacement) by ``rng`` from ``defect_items``."""
+    items = []
+    for i in range(n):
+        im, _ = synthetic_image(c, seed=seed, split="train", index=i, size=image_size)
+        items.append((f"{i:03d}.png", im, False))
+    if n_noise:
+        pick = np.sort(rng.choice(len(defect_items), size=n_noise, replace=False))
+        for j in pick:
+            im, _, _, d, key = defect_items[j]
+            items.append((f"{d}_{key.rsplit('/', 1)[-1]}", im, True))
+    return sorted(items, key=lambda t: t[0])
+
+
+def _stack(arrays: list, empty_shape: tuple) -> np.ndarray:
+    return np.stack(arrays) if arrays else np.zeros(empty_shape, np.uint8)
+
+
 def make_synthetic(
     seed: int = 0,
     *,
@@ -677,92 +746,55 @@ def make_synthetic(
         setting: ``"pareto"`` (default), ``"step_k4"``, ``"step_k1"`` or ``"balanced"``
             (ignored when ``class_sizes`` is given).
         class_sizes: explicit normal training images per class.
-        noise_ratio: each class with ``>= head_min`` images receives
-            ``round(noise_ratio * size)`` of its test defect images (uniform over them) in
-            its training set; they stay in the test set. 0 disables noise.
+        noise_ratio: fraction in ``[0, 1]``: each class with ``>= head_min`` images
+            receives ``round(noise_ratio * size)`` of its test defect images (uniform over
+            them) in its training set; they stay in the test set. 0 disables noise.
+        head_min: smallest head-class size (smaller classes are tail classes, never noisy).
         n_test_good / n_test_per_defect: test images per class.
         classes: subset of :data:`SYNTHETIC_CLASSES`.
         image_size: side of the generated images.
 
     Returns:
         :class:`SyntheticDataset`.
+
+    Raises:
+        ValueError: unknown classes or setting, ``noise_ratio`` outside ``[0, 1]``,
+            negative class sizes.
     """
-    classes = tuple(sorted(classes))
-    unknown = set(classes) - set(SYNTHETIC_CLASSES)
-    if unknown or not classes:
-        raise ValueError(
-            f"classes must be a non-empty subset of {SYNTHETIC_CLASSES}, got {list(classes)}"
-        )
-    if not 0 <= noise_ratio <= 1:
-        raise ValueError(f"noise_ratio must be in [0, 1], got {noise_ratio}")
-    if class_sizes is None:
-        sizes = synthetic_class_sizes(setting, seed=seed, classes=classes)
-    else:
-        sizes = {c: int(class_sizes.get(c, 0)) for c in classes}
-        setting = "custom"
-    if any(n < 0 for n in sizes.values()):
-        raise ValueError(f"class sizes must be >= 0, got {sizes}")
+    classes, sizes, setting = _resolve_sizes(classes, setting, class_sizes, noise_ratio, seed)
     n_def = n_test_per_defect * len(SYNTHETIC_DEFECTS)
     noise = {c: min(n_def, round(noise_ratio * n)) for c, n in sizes.items() if n >= head_min}
     noise = {c: n for c, n in noise.items() if n > 0}
     rng = np.random.default_rng([int(seed), 104729])
 
-    test_imgs, test_masks, test_labels, test_cls, test_types, test_keys = [], [], [], [], [], []
-    train_imgs, train_cls, train_noise, train_keys = [], [], [], []
-    for ci, c in enumerate(classes):
-        cid = ci
-        # test set: good first, then the defect folders in sorted order (official loader order)
-        class_test = []
-        for i in range(n_test_good):
-            im, m = synthetic_image(c, seed=seed, split="test", index=i, size=image_size)
-            class_test.append((im, m, 0, "good", f"{c}/test/good/{i:03d}.png"))
-        defect_items = []
-        for d in sorted(SYNTHETIC_DEFECTS):
-            for i in range(n_test_per_defect):
-                im, m = synthetic_image(
-                    c, seed=seed, split="test", index=i, defect=d, size=image_size
-                )
-                item = (im, m, 1, d, f"{c}/test/{d}/{i:03d}.png")
-                defect_items.append(item)
-        class_test = sorted(class_test + defect_items, key=lambda t: (t[3], t[4]))
-        for im, m, lab, d, key in class_test:
-            test_imgs.append(im)
-            test_masks.append(m)
-            test_labels.append(lab)
-            test_cls.append(cid)
-            test_types.append(d)
-            test_keys.append(key)
-        # training set: normal images, then injected defects (sorted file names)
-        items = []
-        for i in range(sizes[c]):
-            im, _ = synthetic_image(c, seed=seed, split="train", index=i, size=image_size)
-            items.append((f"{i:03d}.png", im, False))
-        if c in noise:
-            pick = np.sort(rng.choice(len(defect_items), size=noise[c], replace=False))
-            for j in pick:
-                im, _, _, d, key = defect_items[j]
-                items.append((f"{d}_{key.rsplit('/', 1)[-1]}", im, True))
-        for name, im, is_noise in sorted(items, key=lambda t: t[0]):
-            train_imgs.append(im)
-            train_cls.append(cid)
-            train_noise.append(is_noise)
-            train_keys.append(f"{c}/train/good/{name}")
+    test, train = [], []  # (class id, item) pairs
+    for cid, c in enumerate(classes):
+        class_test, defect_items = _class_test_set(
+            c, seed=seed, n_good=n_test_good, n_per_defect=n_test_per_defect,
+            image_size=image_size,
+        )
+        test += [(cid, item) for item in class_test]
+        class_train = _class_train_set(
+            c, sizes[c], seed=seed, image_size=image_size, defect_items=defect_items,
+            n_noise=noise.get(c, 0), rng=rng,
+        )
+        train += [(cid, item) for item in class_train]
 
     s = image_size
     tail = tuple(sorted(c for c, n in sizes.items() if n < head_min))
     head = tuple(sorted(c for c in sizes if c not in tail))
     return SyntheticDataset(
         class_names=classes,
-        train_images=np.stack(train_imgs) if train_imgs else np.zeros((0, s, s, 3), np.uint8),
-        train_class=np.asarray(train_cls, np.int32),
-        train_is_noise=np.asarray(train_noise, bool),
-        train_keys=tuple(train_keys),
-        test_images=np.stack(test_imgs) if test_imgs else np.zeros((0, s, s, 3), np.uint8),
-        test_masks=np.stack(test_masks) if test_masks else np.zeros((0, s, s), np.uint8),
-        test_labels=np.asarray(test_labels, np.int32),
-        test_class=np.asarray(test_cls, np.int32),
-        test_defect_types=tuple(test_types),
-        test_keys=tuple(test_keys),
+        train_images=_stack([im for _, (_, im, _) in train], (0, s, s, 3)),
+        train_class=np.asarray([cid for cid, _ in train], np.int32),
+        train_is_noise=np.asarray([is_noise for _, (_, _, is_noise) in train], bool),
+        train_keys=tuple(f"{classes[cid]}/train/good/{name}" for cid, (name, _, _) in train),
+        test_images=_stack([t[0] for _, t in test], (0, s, s, 3)),
+        test_masks=_stack([t[1] for _, t in test], (0, s, s)),
+        test_labels=np.asarray([t[2] for _, t in test], np.int32),
+        test_class=np.asarray([cid for cid, _ in test], np.int32),
+        test_defect_types=tuple(t[3] for _, t in test),
+        test_keys=tuple(t[4] for _, t in test),
         class_sizes=dict(sizes),
         noise_counts=noise,
         tail_classes=tail,

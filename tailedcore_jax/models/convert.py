@@ -251,7 +251,7 @@ def _to_numpy(name: str, value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def _normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}"
@@ -273,6 +273,57 @@ def _listing(names) -> str:
     names = sorted(names)
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def _defaults_from_state_dict(sd: Mapping[str, Any], arch, kwargs: dict) -> dict:
+    """For a named ``arch``: ``num_classes`` from ``fc.weight`` (``None`` without one) and
+    ``in_channels`` from ``conv1.weight``, unless given."""
+    kwargs = dict(kwargs)
+    if isinstance(arch, str) and "num_classes" not in kwargs:
+        fc = sd.get("fc.weight")
+        kwargs["num_classes"] = int(np.shape(fc)[0]) if fc is not None else None
+    if (
+        isinstance(arch, str)
+        and "in_channels" not in kwargs
+        and np.ndim(sd.get("conv1.weight")) == 4
+    ):
+        kwargs["in_channels"] = int(np.shape(sd["conv1.weight"])[1])
+    return kwargs
+
+
+def _check_keys(sd: Mapping[str, Any], expected: dict, arch_label: str) -> None:
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - set(expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        raise ValueError(f"state dict does not match arch {arch_label}: " + "; ".join(parts))
+
+
+def _checked_arrays(sd: Mapping[str, Any], expected: dict, arch_label: str) -> dict:
+    """``{torch_key: np.ndarray}`` after checking every shape (all mismatches listed) and
+    that every value is floating."""
+    mismatched = []
+    arrays = {}
+    for name, (collection, path, leaf) in expected.items():
+        array = _to_numpy(name, sd[name])
+        want = _torch_shape(collection, path, leaf.shape)
+        if tuple(array.shape) != want:
+            mismatched.append(f"{name}: got {tuple(array.shape)}, expected {want}")
+            continue
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point, got dtype {array.dtype}")
+        arrays[name] = array
+    if mismatched:
+        shown = "; ".join(mismatched[:_MAX_LISTED])
+        more = (
+            f"; ... ({len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
+        )
+        raise ValueError(f"shape mismatch for arch {arch_label}: {shown}{more}")
+    return arrays
 
 
 def torchvision_to_flax(
@@ -305,49 +356,12 @@ def torchvision_to_flax(
             name); shape mismatches (listed by name with both shapes).
         TypeError: not a mapping, or a non-floating value.
     """
-    sd = _normalise_keys(state_dict)
-    kwargs = dict(kwargs)
-    if isinstance(arch, str) and "num_classes" not in kwargs:
-        fc = sd.get("fc.weight")
-        kwargs["num_classes"] = int(np.shape(fc)[0]) if fc is not None else None
-    if (
-        isinstance(arch, str)
-        and "in_channels" not in kwargs
-        and np.ndim(sd.get("conv1.weight")) == 4
-    ):
-        kwargs["in_channels"] = int(np.shape(sd["conv1.weight"])[1])
-    model, arch_label = _make_model(arch, kwargs)
+    sd = _normalize_keys(state_dict)
+    model, arch_label = _make_model(arch, _defaults_from_state_dict(sd, arch, kwargs))
     _check_architecture(sd, model, arch_label)
-
     expected = _expected(model)
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        raise ValueError(f"state dict does not match arch {arch_label}: " + "; ".join(parts))
-
-    mismatched = []
-    arrays = {}
-    for name, (collection, path, leaf) in expected.items():
-        array = _to_numpy(name, sd[name])
-        want = _torch_shape(collection, path, leaf.shape)
-        if tuple(array.shape) != want:
-            mismatched.append(f"{name}: got {tuple(array.shape)}, expected {want}")
-            continue
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise TypeError(f"{name} must be floating point, got dtype {array.dtype}")
-        arrays[name] = array
-    if mismatched:
-        shown = "; ".join(mismatched[:_MAX_LISTED])
-        more = (
-            f"; ... ({len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
-        )
-        raise ValueError(f"shape mismatch for arch {arch_label}: {shown}{more}")
-
+    _check_keys(sd, expected, arch_label)
+    arrays = _checked_arrays(sd, expected, arch_label)
     variables: dict = {}
     for name, (collection, path, leaf) in expected.items():
         value = _to_flax_layout(arrays[name], collection, path)

@@ -1,61 +1,52 @@
 """Flax (linen) ResNets in torchvision's exact layout, returning named activations ("taps").
 
-JAX port of ``torchvision/models/resnet.py::ResNet`` (pytorch/vision), ResNet v1.5: the
-stride of a bottleneck block sits on its 3x3 convolution. Everything is NHWC. The layout is
-chosen so that torchvision / timm weights load one-to-one (see
-:mod:`tailedcore_jax.models.convert`) and give the same activations:
+JAX port of ``ResNet`` in pytorch/vision ``torchvision/models/resnet.py`` (ResNet v1.5: the
+stride of a bottleneck sits on its 3x3 convolution), NHWC. Parameter names and layout match
+torchvision / timm one-to-one (:mod:`tailedcore_jax.models.convert`), so converted weights
+give the same activations:
 
-* every stride-2 3x3 convolution and the stem max-pool use explicit ``(1, 1)`` padding, as
-  torch does. Never ``'SAME'``: on even inputs ``'SAME'`` pads ``(0, 1)`` and shifts every
-  feature by half a pixel (peers-and-performance.md 1.6);
-* the stem is ``7x7/2 conv (pad 3) -> BN -> ReLU -> 3x3/2 max-pool (pad 1)``;
-* bottleneck inner width is ``int(planes * width_per_group / 64)``, so WideResNet-50-2 /
-  101-2 (``width_per_group=128``) have inner widths ``128 * 2**i`` and outputs ``256 * 2**i``;
-* BatchNorm: ``momentum=0.9`` (torch's 0.1), ``eps=1e-5``; ``train=False`` uses the running
-  statistics.
+* every stride-2 3x3 convolution and the stem max-pool pad ``(1, 1)`` explicitly, as torch.
+  Never ``'SAME'``: on even inputs it pads ``(0, 1)`` and shifts every feature by half a pixel;
+* stem ``7x7/2 conv (pad 3) -> BN -> ReLU -> 3x3/2 max-pool (pad 1)``; the CIFAR stem is one
+  3x3/1 conv (pad 1) and no max-pool;
+* bottleneck inner width ``int(planes * width_per_group / 64)`` (WideResNet: 128);
+* BatchNorm ``momentum=0.9`` (torch's 0.1), ``eps=1e-5``; ``train=False`` uses running stats.
 
-Taps (keys of the returned dict, all NHWC unless noted):
+Taps (keys of the returned dict, NHWC unless noted):
 
 ========================  ===================================================================
-``stem``                  after ``conv1 -> bn1 -> relu``, **before** the max-pool
-                          (stride 2; stride 1 for the CIFAR variant, which has no max-pool)
-``layer1`` .. ``layer4``  output of the last block of each stage (post-ReLU), strides
-                          4/8/16/32 (CIFAR: 1/2/4/8)
-``pooled``                global average of ``layer4``, shape ``(B, C)``, float32
-``pooled_<name>``         global average of ``stem`` / ``layer1`` .. ``layer4``, ``(B, C)``,
-                          float32 (``pooled_layer3`` is the random-backbone embedding of
-                          synthetic-default.md; ``pooled_layer4`` equals ``pooled``)
-``logits``                ``fc(pooled)``, ``(B, num_classes)``; only when the model has a head
+``stem``                  ``conv1 -> bn1 -> relu``, before the max-pool (stride 2; CIFAR 1)
+``layer1`` .. ``layer4``  last block of each stage, strides 4/8/16/32 (CIFAR: 1/2/4/8)
+``pooled``                float32 global average of ``layer4``, ``(B, C)``
+``pooled_<name>``         float32 global average of ``stem`` / ``layer1`` .. ``layer4``
+                          (``pooled_layer3`` is the image embedding of the offline recipe:
+                          a random ResNet-18 with BatchNorm recalibration)
+``logits``                ``fc(pooled)``, ``(B, num_classes)``; only with a head
 ========================  ===================================================================
 
-The forward pass stops after the deepest stage any requested tap needs, so asking for
-``("layer2", "layer3")`` never runs ``layer4``; ``pooled`` and ``logits`` imply ``layer4``.
-The dict is built in the requested order, but a dict leaving ``jax.jit`` has sorted keys
-(pytree flattening): index it by name.
-
+The forward pass stops after the deepest stage a requested tap needs (``("layer2",
+"layer3")`` never runs ``layer4``). A dict leaving ``jax.jit`` has sorted keys: index by name.
 Initialisation follows torchvision (kaiming-normal fan-out convs, BN scale 1 / bias 0,
-``torch.nn.Linear``'s uniform head) and always creates every variable, whatever taps are
-requested. Note: on CPU, ``jax.jit(model.init)`` with a default (threefry) key compiles
-slowly, one random kernel per parameter; a ``jax.random.key(seed, impl="rbg")`` key, or
-``jax.threefry_partitionable(False)``, compiles several times faster.
+``torch.nn.Linear``'s uniform head) and always creates every variable. On CPU,
+``jax.jit(model.init)`` compiles much faster with a ``jax.random.key(seed, impl="rbg")`` key
+than with the default threefry key.
 
 Example::
 
     model = resnet18(width=16)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     out = model.apply(variables, images, taps=("layer2", "layer3", "pooled_layer3"))
-    # BN recalibration / training: batch statistics, updated running averages
     out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
 
 References:
     He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
     Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016.
-    torchvision ``models/resnet.py`` (pytorch/vision) for the exact layout.
 """
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -96,6 +87,11 @@ def _dense_bias_init(fan_in: int) -> Callable:
 
 
 _PAD1 = ((1, 1), (1, 1))
+
+
+def _pool(a: Array) -> Array:
+    """Float32 spatial mean ``(B, h, w, C) -> (B, C)`` whatever the compute dtype."""
+    return jnp.mean(a.astype(jnp.float32), axis=(1, 2))
 
 
 class _BasicBlock(nn.Module):
@@ -157,31 +153,26 @@ class ResNet(nn.Module):
     """ResNet in torchvision's layout; ``__call__`` returns a dict of named activations.
 
     Use the constructors (:func:`resnet18`, :func:`wide_resnet50_2`, ...) for the standard
-    architectures; build ``ResNet`` directly only for non-standard depths (tests).
+    architectures; build ``ResNet`` directly only for non-standard depths.
 
     Attributes:
         block: ``"basic"`` (ResNet-18/34) or ``"bottleneck"`` (ResNet-50/101, WRN).
         stage_sizes: blocks per stage, 4 ints (torchvision ``layers``).
         num_classes: size of the ``fc`` head; ``None`` = no head (no ``logits`` tap).
-        width: base channels (torchvision fixes 64): stem output and stage-1 ``planes``;
-            stage ``i`` has ``planes = width * 2**i``. Reduce it for small test networks.
-        width_per_group: bottleneck inner width is ``int(planes * width_per_group / 64)``
-            (torchvision's formula; 128 = "wide"). Ignored by basic blocks.
-        cifar_stem: 3x3 stride-1 stem conv and no max-pool (CIFAR ResNet of the OOD
-            literature, 32x32 inputs).
+        width: stem channels and stage-1 ``planes`` (torchvision: 64); stage ``i`` has
+            ``planes = width * 2**i``.
+        width_per_group: bottleneck inner width ``int(planes * width_per_group / 64)``
+            (128 = "wide"). Ignored by basic blocks.
+        cifar_stem: 3x3 stride-1 stem conv and no max-pool (CIFAR ResNet, 32x32 inputs).
         in_channels: input channels the stem expects.
-        taps: default taps to return (``None`` = all of ``available_taps``); overridden by
-            the ``taps=`` argument of ``__call__``.
-        dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay ``param_dtype``.
-            ``pooled*`` taps are always averaged in float32.
+        taps: default taps (``None`` = ``default_taps``); overridden by ``__call__(taps=)``.
+        dtype: computation dtype; ``pooled*`` taps are always averaged in float32.
         param_dtype: parameter dtype.
         precision: ``jax.lax.Precision`` of convolutions and the head (``None`` = backend
-            default; on GPU that may be TF32 for float32).
-        bn_momentum: Flax BatchNorm momentum (running = m * running + (1 - m) * batch);
-            torch's ``momentum=0.1`` is Flax 0.9. Set 0.0 to read one batch's statistics
-            from the updated ``batch_stats`` (e.g. to average them yourself). Flax stores
-            the biased batch variance in ``var`` (torch's ``running_var`` uses the unbiased
-            one); normalisation in ``train=True`` uses the biased one in both.
+            default, which may be TF32 on GPU).
+        bn_momentum: running = m * running + (1 - m) * batch (torch ``momentum=0.1`` is
+            0.9). 0.0 stores one batch's statistics in the updated ``batch_stats``. Flax
+            stores the biased batch variance (torch's ``running_var`` the unbiased one).
         bn_axis_name: ``axis_name`` for cross-device batch statistics (``None`` = local).
     """
 
@@ -302,49 +293,10 @@ class ResNet(nn.Module):
                 f"of {LAYER_NAMES[depth]!r}; use inputs of at least {stride}x{stride}"
             )
 
-    # ---- forward ----------------------------------------------------------------------------
+    # ---- forward (helpers run inside the compact __call__, so they may create submodules) -
 
-    @nn.compact
-    def __call__(
-        self,
-        images: Float[Array, "b h w c"],
-        train: bool = False,
-        *,
-        taps: Sequence[str] | None = None,
-    ) -> dict[str, Array]:
-        """Run the network up to the deepest requested tap.
-
-        Args:
-            images: NHWC float images ``(B, H, W, in_channels)``, already normalised
-                (e.g. ImageNet mean/std); ``H, W`` at least the stride of the deepest
-                computed stage (32 for ``layer4`` / ``pooled``, 8 for CIFAR).
-            train: ``False``: BatchNorm uses running statistics. ``True``: batch statistics,
-                and ``batch_stats`` is updated (call ``apply(..., mutable=["batch_stats"])``).
-            taps: names to return (see the module docstring); ``None`` = ``self.taps``, or
-                ``default_taps`` when that is ``None`` too. Static.
-
-        Returns:
-            ``{name: activation}`` in the order requested: spatial taps ``(B, h, w, C)`` in
-            ``dtype``, ``pooled*`` ``(B, C)`` float32, ``logits`` ``(B, num_classes)``.
-            During ``init`` every layer (and the head) runs, so the variables are complete
-            whatever taps are requested.
-
-        Raises:
-            ValueError: rank not 4, wrong channel count (with a hint for NCHW), images
-                smaller than the stride of the deepest computed stage, unknown tap,
-                ``logits`` without a head, bad configuration.
-            TypeError: integer images; ``taps`` given as a single string.
-        """
-        self._check_config()
-        if taps is None:
-            taps = self.taps if self.taps is not None else self.default_taps
-        taps = self._check_taps(taps)
-        depth = max(self._tap_depth(name) for name in taps)
-        initializing = self.is_initializing()
-        if initializing:
-            depth = 4  # create every parameter, whatever is requested
-        self._check_images(images, depth)
-
+    def _layer_factories(self, train: bool) -> tuple[Callable, Callable]:
+        """``(conv, norm)``: ``nn.Conv`` / ``nn.BatchNorm`` partials with torch's settings."""
         conv = functools.partial(
             nn.Conv,
             use_bias=False,
@@ -362,74 +314,177 @@ class ResNet(nn.Module):
             param_dtype=self.param_dtype,
             axis_name=self.bn_axis_name,
         )
+        return conv, norm
 
-        acts = {}
+    def _stem(self, images, conv, norm) -> tuple[Array, Array]:
+        """``(stem tap, max-pooled input of layer1)``."""
         if self.cifar_stem:
             x = conv(self.width, (3, 3), padding=_PAD1, name="conv1")(images)
         else:
             x = conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="conv1")(images)
-        x = nn.relu(norm(name="bn1")(x))
-        acts["stem"] = x
-        if not self.cifar_stem:
-            # torch MaxPool2d(3, 2, padding=1) pads with -inf; so does lax.reduce_window here.
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD1)
+        stem = nn.relu(norm(name="bn1")(x))
+        if self.cifar_stem:
+            return stem, stem
+        # torch MaxPool2d(3, 2, padding=1) pads with -inf; so does lax.reduce_window here.
+        return stem, nn.max_pool(stem, (3, 3), strides=(2, 2), padding=_PAD1)
 
+    def _stage(self, x, stage: int, in_channels: int, conv, norm) -> Array:
+        """Stage ``stage`` (1..4): its first block strides (stages 2-4) and projects."""
+        planes = self.width * 2 ** (stage - 1)
+        out_channels = planes * self.expansion
+        for index in range(int(self.stage_sizes[stage - 1])):
+            stride = 2 if (stage > 1 and index == 0) else 1
+            downsample = index == 0 and (stride != 1 or in_channels != out_channels)
+            name = f"layer{stage}_{index}"
+            if self.block == "bottleneck":
+                inner = self.bottleneck_width(stage)
+                x = _Bottleneck(planes, stride, downsample, inner, conv, norm, name=name)(x)
+            else:
+                x = _BasicBlock(planes, stride, downsample, conv, norm, name=name)(x)
+            in_channels = out_channels
+        return x
+
+    def _head(self, features: Array) -> Array:
+        """``fc``: ``torch.nn.Linear`` with its default initialisation."""
+        return nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=_dense_kernel_init,
+            bias_init=_dense_bias_init(features.shape[-1]),
+            name="fc",
+        )(features)
+
+    @nn.compact
+    def __call__(
+        self,
+        images: Float[Array, "b h w c"],
+        train: bool = False,
+        *,
+        taps: Sequence[str] | None = None,
+    ) -> dict[str, Array]:
+        """Run the network up to the deepest requested tap.
+
+        Args:
+            images: NHWC float images ``(B, H, W, in_channels)``, already normalised; ``H, W``
+                at least the stride of the deepest computed stage (32 for ``layer4``).
+            train: ``False``: BatchNorm uses running statistics. ``True``: batch statistics,
+                and ``batch_stats`` is updated (``apply(..., mutable=["batch_stats"])``).
+            taps: names to return (module docstring); ``None`` = ``self.taps``, or
+                ``default_taps`` when that is ``None`` too. Static.
+
+        Returns:
+            ``{name: activation}`` in the requested order: spatial taps ``(B, h, w, C)`` in
+            ``dtype``, ``pooled*`` ``(B, C)`` float32, ``logits`` ``(B, num_classes)``.
+            ``init`` runs every layer and the head, whatever taps are requested.
+
+        Raises:
+            ValueError: rank not 4, wrong channel count (with a hint for NCHW), images
+                smaller than the stride of the deepest computed stage, unknown tap,
+                ``logits`` without a head, bad configuration.
+            TypeError: integer images; ``taps`` given as a single string.
+        """
+        self._check_config()
+        if taps is None:
+            taps = self.taps if self.taps is not None else self.default_taps
+        taps = self._check_taps(taps)
+        initializing = self.is_initializing()
+        # init creates every parameter, whatever is requested
+        depth = 4 if initializing else max(self._tap_depth(name) for name in taps)
+        self._check_images(images, depth)
+
+        conv, norm = self._layer_factories(train)
+        acts = {}
+        acts["stem"], x = self._stem(images, conv, norm)
         in_channels = self.width
         for stage in range(1, depth + 1):
-            planes = self.width * 2 ** (stage - 1)
-            out_channels = planes * self.expansion
-            for index in range(int(self.stage_sizes[stage - 1])):
-                stride = 2 if (stage > 1 and index == 0) else 1
-                downsample = index == 0 and (stride != 1 or in_channels != out_channels)
-                name = f"layer{stage}_{index}"
-                if self.block == "bottleneck":
-                    x = _Bottleneck(
-                        planes,
-                        stride,
-                        downsample,
-                        self.bottleneck_width(stage),
-                        conv,
-                        norm,
-                        name=name,
-                    )(x)
-                else:
-                    x = _BasicBlock(planes, stride, downsample, conv, norm, name=name)(x)
-                in_channels = out_channels
+            x = self._stage(x, stage, in_channels, conv, norm)
+            in_channels = self.width * 2 ** (stage - 1) * self.expansion
             acts[f"layer{stage}"] = x
-
-        def pool(a):
-            # float32 mean whatever the compute dtype (NAN counts exact zeros; nan-spec 2.3)
-            return jnp.mean(a.astype(jnp.float32), axis=(1, 2))
 
         out = {}
         for name in taps:
             if name == "pooled":
-                out[name] = pool(acts["layer4"])
+                out[name] = _pool(acts["layer4"])
             elif name.startswith("pooled_"):
-                out[name] = pool(acts[name[len("pooled_") :]])
+                out[name] = _pool(acts[name.removeprefix("pooled_")])
             elif name != "logits":
                 out[name] = acts[name]
         if self.num_classes is not None and ("logits" in taps or initializing):
-            fan_in = acts["layer4"].shape[-1]
-            logits = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                precision=self.precision,
-                kernel_init=_dense_kernel_init,
-                bias_init=_dense_bias_init(fan_in),
-                name="fc",
-            )(pool(acts["layer4"]))
+            logits = self._head(_pool(acts["layer4"]))
             if "logits" in taps:
                 out["logits"] = logits
         return {name: out[name] for name in taps}
 
 
-# ---- constructors ---------------------------------------------------------------------------
+# ---- constructors: one table, one generated function per row ---------------------------------
+
+
+class _Arch(NamedTuple):
+    """One standard architecture: torchvision's ``ResNet(block, layers, width_per_group)``."""
+
+    block: str  # "basic" | "bottleneck"
+    stage_sizes: tuple[int, int, int, int]
+    width_per_group: int  # default bottleneck inner-width factor (128 = "wide")
+    cifar_stem: bool
+    summary: str  # first docstring line of the constructor
+
+
+_ARCHS: dict[str, _Arch] = {
+    "resnet18": _Arch(
+        "basic", (2, 2, 2, 2), 64, False,
+        "ResNet-18 (torchvision ``resnet18``): basic blocks (2, 2, 2, 2), 512-d ``pooled``.",
+    ),
+    "resnet34": _Arch(
+        "basic", (3, 4, 6, 3), 64, False,
+        "ResNet-34 (torchvision ``resnet34``): basic blocks (3, 4, 6, 3), 512-d ``pooled``.",
+    ),
+    "resnet50": _Arch(
+        "bottleneck", (3, 4, 6, 3), 64, False,
+        "ResNet-50 v1.5 (torchvision ``resnet50``): bottlenecks (3, 4, 6, 3), 2048-d ``pooled``.",
+    ),
+    "resnet101": _Arch(
+        "bottleneck", (3, 4, 23, 3), 64, False,
+        "ResNet-101 v1.5 (torchvision ``resnet101``): bottlenecks (3, 4, 23, 3), 2048-d "
+        "``pooled``.",
+    ),
+    "wide_resnet50_2": _Arch(
+        "bottleneck", (3, 4, 6, 3), 128, False,
+        "WideResNet-50-2 (torchvision ``wide_resnet50_2``), the PatchCore / TailedCore "
+        "backbone: at 224 px ``layer2`` (B, 28, 28, 512), ``layer3`` (B, 14, 14, 1024), "
+        "``pooled`` (B, 2048).",
+    ),
+    "wide_resnet101_2": _Arch(
+        "bottleneck", (3, 4, 23, 3), 128, False,
+        "WideResNet-101-2 (torchvision ``wide_resnet101_2``): bottlenecks (3, 4, 23, 3) with "
+        "2x inner width.",
+    ),
+    "resnet18_cifar": _Arch(
+        "basic", (2, 2, 2, 2), 64, True,
+        "CIFAR ResNet-18 of the OOD literature: ``resnet18`` with a 3x3/1 ``conv1`` (pad 1, "
+        "weight ``(64, 3, 3, 3)``) and no max-pool; strides ``stem``/``layer1`` 1 .. "
+        "``layer4`` 8.",
+    ),
+}
 
 _ALLOWED_KWARGS = frozenset(
     {"taps", "param_dtype", "precision", "bn_momentum", "bn_axis_name", "in_channels", "name"}
 )
+
+_ARGS_DOC = """
+
+Args:
+    num_classes: head size; ``None`` = no head.
+    width: base channels (64 in torchvision); smaller for test networks.{wpg}
+    dtype: computation dtype.
+    **kwargs: other :class:`ResNet` attributes: ``taps``, ``param_dtype``, ``precision``,
+        ``bn_momentum``, ``bn_axis_name``, ``in_channels``, ``name``.
+
+Raises:
+    TypeError: an unknown keyword argument.
+"""
+_WPG_DOC = "\n    width_per_group: bottleneck inner width ``int(planes * width_per_group / 64)``."
 
 
 def _build(
@@ -456,169 +511,57 @@ def _build(
     )
 
 
-def resnet18(
-    *, num_classes: int | None = None, width: int = 64, dtype: Any = jnp.float32, **kwargs
-) -> ResNet:
-    """ResNet-18 (torchvision ``resnet18``): basic blocks (2, 2, 2, 2), 512-d ``pooled``.
+def _constructor(name: str, arch: _Arch) -> Callable[..., ResNet]:
+    """The public constructor of one table row (keyword-only; bottlenecks also take
+    ``width_per_group``, basic networks reject it)."""
+    bottleneck = arch.block == "bottleneck"
 
-    Args:
-        num_classes: head size; ``None`` = no head.
-        width: base channels (64 in torchvision); smaller for test networks.
-        dtype: computation dtype.
-        **kwargs: other :class:`ResNet` attributes: ``taps``, ``param_dtype``,
-            ``precision``, ``bn_momentum``, ``bn_axis_name``, ``in_channels``.
+    def build(
+        *, num_classes: int | None = None, width: int = 64, dtype: Any = jnp.float32, **kwargs
+    ) -> ResNet:
+        width_per_group = arch.width_per_group
+        if bottleneck:
+            width_per_group = kwargs.pop("width_per_group", width_per_group)
+        return _build(
+            arch.block,
+            arch.stage_sizes,
+            width_per_group,
+            arch.cifar_stem,
+            num_classes=num_classes,
+            width=width,
+            dtype=dtype,
+            **kwargs,
+        )
 
-    Raises:
-        TypeError: an unknown keyword argument.
-    """
-    return _build(
-        "basic",
-        (2, 2, 2, 2),
-        64,
-        False,
-        num_classes=num_classes,
-        width=width,
-        dtype=dtype,
-        **kwargs,
-    )
-
-
-def resnet34(
-    *, num_classes: int | None = None, width: int = 64, dtype: Any = jnp.float32, **kwargs
-) -> ResNet:
-    """ResNet-34 (torchvision ``resnet34``): basic blocks (3, 4, 6, 3), 512-d ``pooled``.
-
-    Arguments as :func:`resnet18`.
-    """
-    return _build(
-        "basic",
-        (3, 4, 6, 3),
-        64,
-        False,
-        num_classes=num_classes,
-        width=width,
-        dtype=dtype,
-        **kwargs,
-    )
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("num_classes", keyword, default=None, annotation=int | None),
+        inspect.Parameter("width", keyword, default=64, annotation=int),
+    ]
+    if bottleneck:
+        params.append(
+            inspect.Parameter(
+                "width_per_group", keyword, default=arch.width_per_group, annotation=int
+            )
+        )
+    params += [
+        inspect.Parameter("dtype", keyword, default=jnp.float32, annotation=Any),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+    build.__signature__ = inspect.Signature(params, return_annotation=ResNet)
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = arch.summary + _ARGS_DOC.format(wpg=_WPG_DOC if bottleneck else "")
+    return build
 
 
-def resnet50(
-    *,
-    num_classes: int | None = None,
-    width: int = 64,
-    width_per_group: int = 64,
-    dtype: Any = jnp.float32,
-    **kwargs,
-) -> ResNet:
-    """ResNet-50 v1.5 (torchvision ``resnet50``): bottlenecks (3, 4, 6, 3), 2048-d ``pooled``.
-
-    Arguments as :func:`resnet18`, plus ``width_per_group`` (bottleneck inner width is
-    ``int(planes * width_per_group / 64)``).
-    """
-    return _build(
-        "bottleneck",
-        (3, 4, 6, 3),
-        width_per_group,
-        False,
-        num_classes=num_classes,
-        width=width,
-        dtype=dtype,
-        **kwargs,
-    )
-
-
-def resnet101(
-    *,
-    num_classes: int | None = None,
-    width: int = 64,
-    width_per_group: int = 64,
-    dtype: Any = jnp.float32,
-    **kwargs,
-) -> ResNet:
-    """ResNet-101 v1.5 (torchvision ``resnet101``): bottlenecks (3, 4, 23, 3), 2048-d ``pooled``.
-
-    Arguments as :func:`resnet50`.
-    """
-    return _build(
-        "bottleneck",
-        (3, 4, 23, 3),
-        width_per_group,
-        False,
-        num_classes=num_classes,
-        width=width,
-        dtype=dtype,
-        **kwargs,
-    )
-
-
-def wide_resnet50_2(
-    *,
-    num_classes: int | None = None,
-    width: int = 64,
-    width_per_group: int = 128,
-    dtype: Any = jnp.float32,
-    **kwargs,
-) -> ResNet:
-    """WideResNet-50-2 (torchvision ``wide_resnet50_2``): ResNet-50 with 2x inner width.
-
-    The PatchCore / TailedCore backbone: ``layer2`` (B, 28, 28, 512), ``layer3``
-    (B, 14, 14, 1024), ``pooled`` (B, 2048) at 224 px. Arguments as :func:`resnet50`.
-    """
-    return _build(
-        "bottleneck",
-        (3, 4, 6, 3),
-        width_per_group,
-        False,
-        num_classes=num_classes,
-        width=width,
-        dtype=dtype,
-        **kwargs,
-    )
-
-
-def wide_resnet101_2(
-    *,
-    num_classes: int | None = None,
-    width: int = 64,
-    width_per_group: int = 128,
-    dtype: Any = jnp.float32,
-    **kwargs,
-) -> ResNet:
-    """WideResNet-101-2 (torchvision ``wide_resnet101_2``). Arguments as :func:`resnet50`."""
-    return _build(
-        "bottleneck",
-        (3, 4, 23, 3),
-        width_per_group,
-        False,
-        num_classes=num_classes,
-        width=width,
-        dtype=dtype,
-        **kwargs,
-    )
-
-
-def resnet18_cifar(
-    *, num_classes: int | None = None, width: int = 64, dtype: Any = jnp.float32, **kwargs
-) -> ResNet:
-    """CIFAR ResNet-18 of the OOD literature: torchvision ``resnet18`` with ``conv1``
-    replaced by a 3x3 stride-1 conv (padding 1) and no max-pool.
-
-    Strides: ``stem``/``layer1`` 1, ``layer2`` 2, ``layer3`` 4, ``layer4`` 8 (4x4 at 32 px);
-    same parameter names as ``resnet18`` (``conv1.weight`` is ``(64, 3, 3, 3)``).
-    Arguments as :func:`resnet18`.
-    """
-    return _build(
-        "basic", (2, 2, 2, 2), 64, True, num_classes=num_classes, width=width, dtype=dtype, **kwargs
-    )
-
-
-#: Architecture name -> constructor (keyword arguments as documented on each).
+#: Architecture name -> constructor, generated from the ``_ARCHS`` table.
 ARCHITECTURES: dict[str, Callable[..., ResNet]] = {
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "wide_resnet50_2": wide_resnet50_2,
-    "wide_resnet101_2": wide_resnet101_2,
-    "resnet18_cifar": resnet18_cifar,
+    name: _constructor(name, arch) for name, arch in _ARCHS.items()
 }
+resnet18 = ARCHITECTURES["resnet18"]
+resnet34 = ARCHITECTURES["resnet34"]
+resnet50 = ARCHITECTURES["resnet50"]
+resnet101 = ARCHITECTURES["resnet101"]
+wide_resnet50_2 = ARCHITECTURES["wide_resnet50_2"]
+wide_resnet101_2 = ARCHITECTURES["wide_resnet101_2"]
+resnet18_cifar = ARCHITECTURES["resnet18_cifar"]

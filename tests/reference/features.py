@@ -1,7 +1,6 @@
 """Plain-numpy oracle of the PatchCore / TailedCore patch-feature aggregation.
 
-Written from tailedcore-spec.md sections 2.3 and 10.1 (rows 4-7) and peers-and-performance.md
-1.1 / 1.2, step by step in the official order, with loops and float64 arithmetic. It is the
+Written step by step in the official order, with loops and float64 arithmetic. It is the
 reference for ``tailedcore_jax.features``; it deliberately does NOT use the tricks of the JAX
 implementation (pooling before resizing, banded depthwise sums): it materialises the full
 unfolded (C, p, p) neighbourhoods, resizes every (channel, ky, kx) slice of the later layers
