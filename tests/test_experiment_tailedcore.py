@@ -104,7 +104,61 @@ def test_main_job_tiny(tmp_path):
         assert 0.0 <= m["summary"]["all"]["image_auroc"] <= 100.0
         assert np.isfinite(m["summary"]["all"]["pixel_auroc"])
     assert results["config"]["arch"] == "resnet18" and results["config"]["bn_recalibration"]
+    # A regression: the all-class image AUROC / pixel AUROC / AUPRO recorded for this run
+    # (CPU, XLA's deterministic float32; any change of the pipeline's numbers shows here).
+    recorded = {"patchcore": (53.8889, 68.3060, 33.1787), "softpatch": (51.7778, 66.6495, 30.7551),
+                "tailedcore": (65.3333, 69.6538, 38.6350)}
+    for m, want in recorded.items():
+        got = saved["methods"][m]["summary"]["all"]
+        np.testing.assert_allclose([got["image_auroc"], got["pixel_auroc"], got["aupro"]], want,
+                                   atol=2e-3, err_msg=m)
     # a second run resumes features and memory banks from the cache and reproduces the numbers
     again = tailedcore.main(argv)
     for m in saved["methods"]:
         assert again["methods"][m]["summary"] == results["methods"][m]["summary"]
+
+
+def _mvtec_folder_with_manifest(tmp_path):
+    """A pristine MVTec-layout folder (3 synthetic classes) and an official-format manifest."""
+    from tailedcore_jax.data import longtail, mvtec, synthetic
+
+    classes = synthetic.SYNTHETIC_CLASSES[:3]
+    data = synthetic.make_synthetic(0, class_sizes={c: 24 for c in classes}, noise_ratio=0.0,
+                                    classes=classes, n_test_good=3, n_test_per_defect=1)
+    root = synthetic.write_synthetic(tmp_path / "mvtec", data)
+    train, test = mvtec.mvtec_records(root, "train"), mvtec.mvtec_records(root, "test")
+    split = longtail.build_longtail_split(train, test, {classes[2]: 2}, {classes[0]: 2}, seed=3)
+    kept = {r.key for r in split.train if not r.is_noise}
+    mdir = longtail.manifest_dir(tmp_path / "manifests", "mvtecad-nlt", "pareto", 1)
+    mdir.mkdir(parents=True)
+    (mdir / "prune_good.txt").write_text("".join(r.key + "\n" for r in train if r.key not in kept))
+    (mdir / "inject_defects.txt").write_text(
+        "".join(r.key + "\n" for r in split.train if r.is_noise))
+    return root, tmp_path / "manifests", split
+
+
+def test_real_data_layout_with_manifest_and_stale_cache(tmp_path):
+    """dataset=mvtec through an official manifest (random backbone); a changed data file makes
+    the cached features recompute, and the log says which file."""
+    from experiments.tailedcore import pipeline
+
+    root, manifests, split = _mvtec_folder_with_manifest(tmp_path)
+    argv = ["--dataset", "mvtec", "--data-root", str(root), "--manifest-dir", str(manifests),
+            "--seed", "1", "--image-size", "32", "--resize", "37", "--augmentation", "none",
+            "--methods", "patchcore", "--batch-size", "64", "--out", str(tmp_path / "run")]
+    first = tailedcore.main(argv)
+    assert first["split"].files and len(first["split"].train_class) == len(split.train)
+    assert set(first["classes"]) == {r.class_name for r in split.train}
+    from PIL import Image
+
+    target = next(p for p in first["split"].files if "/train/" in p)
+    img = np.asarray(Image.open(target)).copy()
+    img[0, 0] ^= 1  # a changed training image
+    Image.fromarray(img).save(target)
+    logs = []
+    cfg, _ = tailedcore.parse_args(argv)
+    pipeline.run(cfg, tmp_path / "run", log=logs.append)
+    assert any("recomputing train_features" in m and target in m for m in logs), logs
+    logs.clear()
+    pipeline.run(cfg, tmp_path / "run", log=logs.append)  # unchanged now: resumed
+    assert not any("recomputing" in m for m in logs) and any("resumed" in m for m in logs)

@@ -56,6 +56,11 @@ def test_nan_ood_main_writes_all_outputs(tmp_path, capsys):
             assert 0.0 <= v["auroc"] <= 100.0 and 0.0 <= v["fpr"] <= 100.0
     assert 0.0 <= saved["id_accuracy"] <= 1.0
     assert summary["metrics"] == saved["metrics"]
+    # A regression: the average AUROC recorded for this tiny fixed-seed run (CPU).
+    recorded = {"MSP": 29.8611, "NAN": 28.8194, "FeatureNorm": 29.1667, "KNN": 59.7222,
+                "SSD": 74.6528, "NAN+KNN": 37.8472}
+    for m, want in recorded.items():
+        assert abs(saved["metrics"][m]["average"]["auroc"] - want) < 2e-3, m
     assert saved["config"]["react_percentile"] == 0.9
     assert "NAN+ReAct+SSD" in (out / "results.md").read_text()
     assert "FeatureNorm" in capsys.readouterr().out  # the table is printed

@@ -155,8 +155,8 @@ def _real_split(cfg: TailedCoreConfig) -> DataSplit:
         load_train=load_train,
         load_test=load_test,
         description=description,
-        files=tuple(p for r in list(train_records) + list(test) for p in (r.path, r.mask_path)
-                    if p is not None),
+        files=tuple(p for r in list(train_records) + list(test)
+                    for p in (r.path, getattr(r, "mask_path", None)) if p is not None),
         manifest_files=manifest_files,
     )
 
